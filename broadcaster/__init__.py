@@ -1,0 +1,37 @@
+"""broadcaster: a WebSocket fan-out server where one slow client never stalls the others."""
+
+from broadcaster.app import Broadcaster, create_app
+from broadcaster.errors import (
+    BroadcasterError,
+    CloseCode,
+    Closing,
+    HubBusy,
+    HubStopped,
+    ProtocolError,
+    ShuttingDown,
+    SlowConsumer,
+)
+from broadcaster.hub import Hub, HubStatistics, Receipt
+from broadcaster.outbox import Outbox, OutboxStatistics
+from broadcaster.policy import Overflow
+from broadcaster.settings import Settings
+
+__all__ = [
+    "Broadcaster",
+    "BroadcasterError",
+    "CloseCode",
+    "Closing",
+    "Hub",
+    "HubBusy",
+    "HubStatistics",
+    "HubStopped",
+    "Outbox",
+    "OutboxStatistics",
+    "Overflow",
+    "ProtocolError",
+    "Receipt",
+    "Settings",
+    "ShuttingDown",
+    "SlowConsumer",
+    "create_app",
+]

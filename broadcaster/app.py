@@ -1,0 +1,206 @@
+"""The FastAPI face: routes, the hub's lifespan, and ``create_app``.
+
+This is the only module that imports FastAPI. :class:`Broadcaster` holds one hub and the
+routes that reach it, so it can be mounted into an existing app as well as served alone.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from fastapi import APIRouter, FastAPI, HTTPException, Request, WebSocket
+from fastapi.responses import JSONResponse
+from starlette.websockets import WebSocketDisconnect
+
+from broadcaster.connection import Connection
+from broadcaster.errors import HubBusy, HubStopped, ProtocolError
+from broadcaster.hub import Hub
+from broadcaster.log import get_logger
+from broadcaster.protocol import Payload, validate_topic
+from broadcaster.settings import Settings
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+    from broadcaster.outbox import Frame
+
+
+class _StarletteSocket:
+    """The :class:`broadcaster.connection.Socket` over a Starlette WebSocket."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self._websocket = websocket
+
+    async def receive(self) -> Frame | None:
+        message = await self._websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return None
+        text: str | None = message.get("text")
+        return text if text is not None else message["bytes"]
+
+    async def send(self, frame: Frame) -> None:
+        key = "text" if isinstance(frame, str) else "bytes"
+        try:
+            await self._websocket.send({"type": "websocket.send", key: frame})
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            raise anyio.BrokenResourceError from None
+
+    async def close(self, code: int, reason: str) -> None:
+        try:
+            await self._websocket.close(code, reason)
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            pass  # the client is gone already; there is nobody to tell
+
+
+class Broadcaster:
+    """A hub and the routes that serve it.
+
+    Args:
+        settings: queue bounds, policies and timeouts.
+        on_hub_failure: called if the hub crashes; the CLI uses it to stop the server, since
+            a server whose hub is gone would accept connections that never receive anything.
+
+    Mount it into an existing app::
+
+        live = Broadcaster(Settings())
+        app = FastAPI(lifespan=lambda app: live.lifespan())
+        app.include_router(live.router, prefix="/live")
+    """
+
+    def __init__(
+        self, settings: Settings, on_hub_failure: Callable[[], None] = lambda: None
+    ) -> None:
+        self.settings = settings
+        self.hub = Hub(mailbox_size=settings.hub_mailbox_size, logger=get_logger("broadcaster.hub"))
+        self._on_hub_failure = on_hub_failure
+        self._log = get_logger("broadcaster.connection")
+        self.router = self._routes()
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Run the hub for as long as the context is open."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._supervise)
+            yield
+            tg.cancel_scope.cancel()
+
+    async def publish(self, topic: str, data: Any) -> None:
+        """Publish a JSON value to ``topic`` from application code, waiting for mailbox room.
+
+        Raises:
+            ProtocolError: ``topic`` is not a valid topic name.
+            HubStopped: the hub is not running.
+        """
+        await self.hub.publish(validate_topic(topic), Payload.from_data(data))
+
+    async def _supervise(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        try:
+            await self.hub.run(task_status=task_status)
+        except Exception:
+            get_logger("broadcaster.hub").exception("hub_crashed")
+            self._on_hub_failure()
+            raise
+
+    async def _serve(self, websocket: WebSocket, topic: str | None) -> None:
+        peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else None
+        log = self._log.bind(conn_id=uuid.uuid4().hex[:12], peer=peer)
+        await websocket.accept()
+        await Connection(_StarletteSocket(websocket), self.hub, self.settings, log, topic).run()
+
+    def _routes(self) -> APIRouter:
+        router = APIRouter()
+
+        @router.websocket("/ws")
+        async def multiplexed(websocket: WebSocket) -> None:
+            await self._serve(websocket, None)
+
+        @router.websocket("/ws/{topic}")
+        async def raw(websocket: WebSocket, topic: str) -> None:
+            try:
+                validate_topic(topic)
+            except ProtocolError as error:
+                await websocket.close(1008, error.detail[:120])
+                return
+            await self._serve(websocket, topic)
+
+        @router.post("/publish/{topic}")
+        async def publish(topic: str, request: Request) -> JSONResponse:
+            try:
+                validate_topic(topic)
+            except ProtocolError as error:
+                raise HTTPException(400, error.detail) from None
+            body = await self._read_body(request)
+            try:
+                pending = self.hub.publish_nowait(topic, self._http_payload(request, body))
+            except HubBusy:
+                raise HTTPException(
+                    503, "the hub is busy; retry shortly", headers={"Retry-After": "1"}
+                ) from None
+            except HubStopped:
+                raise HTTPException(503, "the hub is not running") from None
+            receipt = await pending.wait()
+            return JSONResponse(
+                {"topic": receipt.topic, "seq": receipt.seq, "subscribers": receipt.subscribers}
+            )
+
+        @router.get("/healthz")
+        async def healthz() -> JSONResponse:
+            running = self.hub.statistics().running
+            return JSONResponse({"status": "ok" if running else "down"}, 200 if running else 503)
+
+        @router.get("/topics")
+        async def topics() -> dict[str, int]:
+            return dict(self.hub.statistics().topics)
+
+        return router
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_message_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"the body is larger than {limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise HTTPException(413, f"the body is larger than {limit} bytes")
+        return bytes(body)
+
+    @staticmethod
+    def _http_payload(request: Request, body: bytes) -> Payload:
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type == "application/json":
+            try:
+                return Payload.from_data(json.loads(body))
+            except ValueError as error:
+                raise HTTPException(400, f"the body is not valid JSON: {error}") from None
+        try:
+            return Payload(body.decode())
+        except UnicodeDecodeError:
+            return Payload(body)
+
+
+def create_app(
+    settings: Settings | None = None, on_hub_failure: Callable[[], None] = lambda: None
+) -> FastAPI:
+    """Return a FastAPI app serving one broadcaster.
+
+    Args:
+        settings: defaults to ``Settings()``, read from ``BROADCASTER_*`` variables.
+        on_hub_failure: see :class:`Broadcaster`.
+    """
+    live = Broadcaster(settings or Settings(), on_hub_failure)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with live.lifespan():
+            yield
+
+    app = FastAPI(title="broadcaster", lifespan=lifespan)
+    app.include_router(live.router)
+    app.state.broadcaster = live
+    return app

@@ -1,0 +1,170 @@
+"""One WebSocket connection: a reader task and a sender task in one task group.
+
+The reader turns client frames into hub commands; the sender drains the outbox into the
+socket and is the only task that writes to it. Whichever ends first cancels the other; then
+the connection leaves the hub (synchronously, so neither cancellation nor a full mailbox can
+lose it) and the socket is closed with the code that says why.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+
+from broadcaster.errors import (
+    CloseCode,
+    Closing,
+    HubStopped,
+    LagCause,
+    ProtocolError,
+    SlowConsumer,
+)
+from broadcaster.hub import Hub, Subscriber
+from broadcaster.outbox import Frame, Outbox
+from broadcaster.protocol import (
+    Mode,
+    Payload,
+    Ping,
+    Publish,
+    Subscribe,
+    control_frame,
+    error_frame,
+    parse_frame,
+)
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+    from broadcaster.settings import Settings
+
+# Control frames a client may have waiting before its reader stops reading from it.
+CONTROL_BACKLOG = 32
+# Seconds a close handshake may take before the socket is given up.
+CLOSE_TIMEOUT = 5.0
+
+
+class Socket(Protocol):
+    """The little a connection needs of a WebSocket; tests pass fakes."""
+
+    async def receive(self) -> Frame | None:
+        """Return the next frame, or ``None`` once the client has gone."""
+
+    async def send(self, frame: Frame) -> None:
+        """Write one frame. Raises ``anyio.BrokenResourceError`` once the client has gone."""
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the socket; a socket that is already closed is left as it is."""
+
+
+class Connection:
+    """Serve one accepted socket until either side ends it.
+
+    Args:
+        socket: the accepted WebSocket; the connection closes it.
+        hub: the running hub.
+        settings: queue bounds, policy and timeouts.
+        logger: bound to this connection's ``conn_id`` and ``peer``.
+        topic: the topic a raw-mode socket is subscribed to; ``None`` for multiplexed mode.
+    """
+
+    def __init__(
+        self,
+        socket: Socket,
+        hub: Hub,
+        settings: Settings,
+        logger: FilteringBoundLogger,
+        topic: str | None = None,
+    ) -> None:
+        self._socket = socket
+        self._hub = hub
+        self._send_timeout = settings.send_timeout
+        self._log = logger
+        self._topic = topic
+        self._scope = anyio.CancelScope()
+        self.outbox = Outbox(
+            max_messages=settings.queue_max_messages,
+            max_bytes=settings.queue_max_bytes,
+            overflow=settings.overflow,
+            lag_timeout=settings.lag_timeout,
+            logger=logger,
+            on_fail=lambda error: self._scope.cancel(),
+        )
+        mode = Mode.MUX if topic is None else Mode.RAW
+        self._subscriber = Subscriber(self.outbox, mode)
+
+    async def run(self) -> None:
+        """Serve until the client leaves, lags, or the server stops; then close the socket."""
+        started = time.monotonic()
+        self._log.info("connection_opened", mode=self._subscriber.mode.value, topic=self._topic)
+        closing: Closing | None = None
+        try:
+            with self._scope:
+                self._hub.join(self._subscriber)
+                if self._topic is not None:
+                    await self._hub.subscribe(self._subscriber, self._topic)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._read_loop, tg.cancel_scope)
+                    tg.start_soon(self._send_loop, tg.cancel_scope)
+        except* HubStopped:
+            closing = Closing(CloseCode.INTERNAL_ERROR, "hub stopped")
+        except* Closing as group:
+            closing = _first_closing(group)
+        except* Exception:
+            self._log.exception("connection_crashed")
+            closing = Closing(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            closing = self.outbox.error or closing
+            self.outbox.close()
+            self._hub.leave_nowait(self._subscriber)
+            if closing is not None:
+                with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                    await self._socket.close(closing.code, closing.reason)
+            self._log.info(
+                "connection_closed",
+                code=closing.code.value if closing else None,
+                reason=closing.reason if closing else "client left",
+                cause=closing.cause.value if isinstance(closing, SlowConsumer) else None,
+                dropped=self.outbox.statistics().dropped,
+                seconds=round(time.monotonic() - started, 3),
+            )
+
+    async def _read_loop(self, scope: anyio.CancelScope) -> None:
+        while (frame := await self._socket.receive()) is not None:
+            if self._topic is not None:
+                await self._hub.publish(self._topic, Payload(frame))
+                continue
+            await self.outbox.wait_control_room(CONTROL_BACKLOG)
+            try:
+                command = parse_frame(frame)
+            except ProtocolError as error:
+                self.outbox.send_control_nowait(error_frame(error))
+                continue
+            if isinstance(command, Ping):
+                self.outbox.send_control_nowait(control_frame("pong"))
+            elif isinstance(command, Publish):
+                await self._hub.publish(command.topic, command.payload)
+            elif isinstance(command, Subscribe):
+                await self._hub.subscribe(self._subscriber, command.topic)
+            else:
+                await self._hub.unsubscribe(self._subscriber, command.topic)
+        scope.cancel()
+
+    async def _send_loop(self, scope: anyio.CancelScope) -> None:
+        try:
+            while True:
+                frame = await self.outbox.receive()
+                with anyio.fail_after(self._send_timeout):
+                    await self._socket.send(frame)
+        except TimeoutError:
+            raise SlowConsumer(LagCause.SEND_TIMEOUT) from None
+        except (anyio.BrokenResourceError, anyio.EndOfStream):
+            scope.cancel()
+
+
+def _first_closing(group: BaseExceptionGroup[Closing]) -> Closing:
+    exception = group.exceptions[0]
+    while isinstance(exception, BaseExceptionGroup):
+        exception = exception.exceptions[0]
+    return exception

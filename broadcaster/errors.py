@@ -1,0 +1,87 @@
+"""Close codes and the exception tree.
+
+::
+
+    BroadcasterError
+    ├── ProtocolError          a client frame could not be understood; answered with an error frame
+    ├── HubBusy                the hub's mailbox is full; HTTP publishers get 503
+    ├── HubStopped             the hub is not running
+    └── Closing                the connection must be closed with ``code`` and ``reason``
+        ├── SlowConsumer       1013: the client could not keep up
+        └── ShuttingDown       1001: the server is stopping
+
+A client that disconnects is not an error and has no exception here.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes the server sends (RFC 6455, section 7.4.1)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+
+
+class LagCause(StrEnum):
+    """Why a slow consumer was cut off."""
+
+    QUEUE_FULL = "queue_full"
+    LAG = "lag"
+    SEND_TIMEOUT = "send_timeout"
+
+
+class BroadcasterError(Exception):
+    """Root of every error this package raises."""
+
+
+class ProtocolError(BroadcasterError):
+    """A client frame was malformed; the connection stays open.
+
+    Args:
+        error: a stable snake_case code for clients to match on.
+        detail: a sentence for humans.
+    """
+
+    def __init__(self, error: str, detail: str) -> None:
+        super().__init__(f"{error}: {detail}")
+        self.error = error
+        self.detail = detail
+
+
+class HubBusy(BroadcasterError):
+    """The hub's mailbox is full; try again shortly."""
+
+
+class HubStopped(BroadcasterError):
+    """The hub is not running, so nothing can be published or subscribed."""
+
+
+class Closing(BroadcasterError):
+    """The connection has to be closed with this code and reason."""
+
+    def __init__(self, code: CloseCode, reason: str) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class SlowConsumer(Closing):
+    """The client did not keep up with its messages (close 1013, ``slow consumer``)."""
+
+    def __init__(self, cause: LagCause) -> None:
+        super().__init__(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+        self.cause = cause
+
+
+class ShuttingDown(Closing):
+    """The server is stopping (close 1001)."""
+
+    def __init__(self) -> None:
+        super().__init__(CloseCode.GOING_AWAY, "server shutting down")

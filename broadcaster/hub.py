@@ -1,0 +1,292 @@
+"""The hub: one task that owns the topic registry and fans publishes out.
+
+Everyone else talks to it through its bounded mailbox. A publish is encoded once per mode and
+offered to each subscriber's outbox with a non-blocking call; the hub never awaits a socket, a
+subscriber or a lock one holds.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import anyio
+
+from broadcaster.errors import CloseCode, Closing, HubBusy, HubStopped, ShuttingDown
+from broadcaster.protocol import Mode, Payload, control_frame, frame_size
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from anyio.abc import TaskStatus
+    from structlog.typing import FilteringBoundLogger
+
+    from broadcaster.outbox import Outbox
+
+
+@dataclass(eq=False, slots=True)
+class Subscriber:
+    """One connection as the hub sees it. ``topics`` is the hub's to change."""
+
+    outbox: Outbox
+    mode: Mode
+    topics: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What became of one publish."""
+
+    topic: str
+    seq: int
+    subscribers: int
+
+
+class PendingReceipt:
+    """A :class:`Receipt` the hub fills in once it has fanned the publish out."""
+
+    def __init__(self) -> None:
+        self._done = anyio.Event()
+        self._receipt: Receipt | None = None
+
+    def _set(self, receipt: Receipt) -> None:
+        self._receipt = receipt
+        self._done.set()
+
+    async def wait(self) -> Receipt:
+        """Wait for the hub to process the publish."""
+        await self._done.wait()
+        assert self._receipt is not None
+        return self._receipt
+
+
+@dataclass(frozen=True, slots=True)
+class HubStatistics:
+    """A snapshot of the hub."""
+
+    running: bool
+    topics: Mapping[str, int]
+    subscribers: int
+    mailbox_depth: int
+    published: int
+
+
+@dataclass(slots=True)
+class _Topic:
+    seq: int = 0
+    raw: set[Outbox] = field(default_factory=set)
+    mux: set[Outbox] = field(default_factory=set)
+
+    def members(self, mode: Mode) -> set[Outbox]:
+        return self.raw if mode is Mode.RAW else self.mux
+
+
+@dataclass(frozen=True, slots=True)
+class _Subscribe:
+    subscriber: Subscriber
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Unsubscribe:
+    subscriber: Subscriber
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Publish:
+    topic: str
+    payload: Payload
+    receipt: PendingReceipt | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Wake:
+    """Wakes an idle hub so that it takes a departure."""
+
+
+_Command = _Subscribe | _Unsubscribe | _Publish | _Wake
+_WAKE = _Wake()
+
+
+class Hub:
+    """The fan-out actor.
+
+    Args:
+        mailbox_size: commands queued at most; past it :meth:`publish_nowait` raises
+            :class:`HubBusy` and the async senders wait.
+        logger: the hub's logger.
+    """
+
+    def __init__(self, *, mailbox_size: int, logger: FilteringBoundLogger) -> None:
+        self._mailbox, self._inbox = anyio.create_memory_object_stream[_Command](mailbox_size)
+        self._log = logger
+        self._topics: dict[str, _Topic] = {}
+        self._subscribers: set[Subscriber] = set()
+        # Departures bypass the mailbox so that a full mailbox cannot lose a cleanup.
+        self._departures: deque[Subscriber] = deque()
+        self._published = 0
+        self._running = False
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve the mailbox until cancelled; then fail every subscriber's outbox.
+
+        Subscribers are told :class:`ShuttingDown` when the hub is cancelled and a 1011
+        ``Closing`` when it crashed.
+        """
+        error: Closing = Closing(CloseCode.INTERNAL_ERROR, "internal error")
+        self._running = True
+        self._log.info("hub_started")
+        task_status.started()
+        try:
+            async with self._inbox:
+                async for command in self._inbox:
+                    self._handle(command)
+                    while self._departures:
+                        self._leave(self._departures.popleft())
+        except anyio.get_cancelled_exc_class():
+            error = ShuttingDown()
+            raise
+        finally:
+            self._running = False
+            for subscriber in list(self._subscribers):
+                subscriber.outbox.fail(error)
+            self._subscribers.clear()
+            self._topics.clear()
+            self._log.info("hub_stopped", reason=error.reason)
+
+    def join(self, subscriber: Subscriber) -> None:
+        """Register a connection; it receives nothing until it subscribes.
+
+        Raises:
+            HubStopped: the hub is not running.
+        """
+        if not self._running:
+            raise HubStopped
+        self._subscribers.add(subscriber)
+
+    def leave_nowait(self, subscriber: Subscriber) -> None:
+        """Remove a connection and all its subscriptions; never blocks, never lost."""
+        if not self._running:
+            return
+        self._departures.append(subscriber)
+        try:
+            # When the mailbox is full the hub is awake anyway and takes the departure next.
+            self._mailbox.send_nowait(_WAKE)
+        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+
+    async def subscribe(self, subscriber: Subscriber, topic: str) -> None:
+        """Ask the hub to subscribe ``subscriber`` to ``topic``, waiting for mailbox room."""
+        await self._send(_Subscribe(subscriber, topic))
+
+    async def unsubscribe(self, subscriber: Subscriber, topic: str) -> None:
+        """Ask the hub to unsubscribe ``subscriber`` from ``topic``."""
+        await self._send(_Unsubscribe(subscriber, topic))
+
+    async def publish(self, topic: str, payload: Payload) -> None:
+        """Publish to ``topic``, waiting for mailbox room (pushes back on the publisher)."""
+        await self._send(_Publish(topic, payload, None))
+
+    def publish_nowait(self, topic: str, payload: Payload) -> PendingReceipt:
+        """Publish to ``topic`` without waiting.
+
+        Raises:
+            HubBusy: the mailbox is full.
+            HubStopped: the hub is not running.
+        """
+        receipt = PendingReceipt()
+        try:
+            self._mailbox.send_nowait(_Publish(topic, payload, receipt))
+        except anyio.WouldBlock:
+            raise HubBusy from None
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            raise HubStopped from None
+        return receipt
+
+    def statistics(self) -> HubStatistics:
+        """Return the registry's shape and the mailbox depth."""
+        return HubStatistics(
+            running=self._running,
+            topics=MappingProxyType(
+                {name: len(t.raw) + len(t.mux) for name, t in self._topics.items()}
+            ),
+            subscribers=len(self._subscribers),
+            mailbox_depth=self._mailbox.statistics().current_buffer_used,
+            published=self._published,
+        )
+
+    async def _send(self, command: _Command) -> None:
+        if not self._running:
+            raise HubStopped
+        try:
+            await self._mailbox.send(command)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            raise HubStopped from None
+
+    def _handle(self, command: _Command) -> None:
+        if isinstance(command, _Publish):
+            self._publish(command)
+            return
+        if isinstance(command, _Wake):
+            return
+        subscriber = command.subscriber
+        if subscriber not in self._subscribers:
+            return  # it left while the command was queued
+        if isinstance(command, _Subscribe):
+            self._subscribe(subscriber, command.topic)
+        else:
+            self._unsubscribe(subscriber, command.topic)
+
+    def _publish(self, command: _Publish) -> None:
+        topic = self._topics.get(command.topic)
+        self._published += 1
+        if topic is None:
+            seq = subscribers = 0
+        else:
+            topic.seq += 1
+            seq = topic.seq
+            subscribers = len(topic.raw) + len(topic.mux)
+            payload = command.payload
+            if topic.raw:
+                frame: str | bytes = payload.raw
+                size = frame_size(frame)
+                for outbox in topic.raw:
+                    outbox.send_nowait(frame, size)
+            if topic.mux:
+                frame = payload.envelope(command.topic, seq)
+                size = frame_size(frame)
+                for outbox in topic.mux:
+                    outbox.send_nowait(frame, size)
+        if command.receipt is not None:
+            command.receipt._set(Receipt(command.topic, seq, subscribers))
+
+    def _subscribe(self, subscriber: Subscriber, name: str) -> None:
+        topic = self._topics.get(name)
+        if topic is None:
+            topic = self._topics[name] = _Topic()
+        topic.members(subscriber.mode).add(subscriber.outbox)
+        subscriber.topics.add(name)
+        if subscriber.mode is Mode.MUX:
+            subscriber.outbox.send_control_nowait(control_frame("subscribed", topic=name))
+
+    def _unsubscribe(self, subscriber: Subscriber, name: str) -> None:
+        self._remove(subscriber, name)
+        if subscriber.mode is Mode.MUX:
+            subscriber.outbox.send_control_nowait(control_frame("unsubscribed", topic=name))
+
+    def _leave(self, subscriber: Subscriber) -> None:
+        for name in list(subscriber.topics):
+            self._remove(subscriber, name)
+        self._subscribers.discard(subscriber)
+
+    def _remove(self, subscriber: Subscriber, name: str) -> None:
+        subscriber.topics.discard(name)
+        topic = self._topics.get(name)
+        if topic is None:
+            return
+        topic.members(subscriber.mode).discard(subscriber.outbox)
+        if not topic.raw and not topic.mux:
+            del self._topics[name]

@@ -1,0 +1,215 @@
+"""One connection's bounded queue of frames, bounded by messages and by bytes.
+
+The hub offers frames with :meth:`Outbox.send_nowait`, which never blocks: when a frame does
+not fit, the overflow policy decides on the spot (see :mod:`broadcaster.policy`). The
+connection's sender is the only consumer, through :meth:`Outbox.receive`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+
+from broadcaster.errors import Closing, LagCause, SlowConsumer
+from broadcaster.policy import Action, Overflow, decide
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from structlog.typing import FilteringBoundLogger
+
+Frame = str | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatistics:
+    """A snapshot of an outbox."""
+
+    queued_messages: int
+    queued_bytes: int
+    queued_control: int
+    max_messages: int
+    max_bytes: int
+    dropped: int
+    closed: bool
+
+
+class Outbox:
+    """A bounded, policy-driven queue of frames for one connection.
+
+    Args:
+        max_messages: data frames held at most.
+        max_bytes: bytes of data frames held at most.
+        overflow: what to do with a frame that does not fit.
+        lag_timeout: seconds the outbox may keep overflowing before it fails with
+            :class:`SlowConsumer`, whatever the policy.
+        logger: bound to the connection; told once per overflow episode, never per frame.
+        on_fail: called once, synchronously, when the outbox fails; the connection uses it
+            to cancel its tasks, since its sender may be blocked in a socket write.
+        clock: monotonic seconds; tests inject their own.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_messages: int,
+        max_bytes: int,
+        overflow: Overflow,
+        lag_timeout: float,
+        logger: FilteringBoundLogger,
+        on_fail: Callable[[Closing], None] = lambda error: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._overflow = overflow
+        self._lag_timeout = lag_timeout
+        self._log = logger
+        self._on_fail = on_fail
+        self._clock = clock
+        # Entries are (frame, size, is_control); control frames are outside both bounds.
+        self._queue: deque[tuple[Frame, int, bool]] = deque()
+        self._messages = 0
+        self._bytes = 0
+        self._dropped = 0
+        self._episode_drops = 0
+        self._overflowing_since: float | None = None
+        self._waiter: anyio.Event | None = None
+        self._error: Closing | None = None
+        self._closed = False
+
+    def send_nowait(self, frame: Frame, size: int) -> None:
+        """Offer a data frame; the policy decides if it does not fit. Never blocks or raises.
+
+        Args:
+            frame: what the sender will write, encoded once for every subscriber.
+            size: the frame's size in bytes on the wire.
+        """
+        if self._closed:
+            return
+        while True:
+            room = self._messages < self.max_messages and self._bytes + size <= self.max_bytes
+            if room:
+                break
+            now = self._clock()
+            if self._overflowing_since is None:
+                self._overflowing_since = now
+                self._log.warning("outbox_overflow", policy=self._overflow.value)
+            action = decide(
+                self._overflow,
+                queue_empty=self._messages == 0,
+                size=size,
+                max_bytes=self.max_bytes,
+                overflowing_for=now - self._overflowing_since,
+                lag_timeout=self._lag_timeout,
+            )
+            if action is Action.EVICT_OLDEST:
+                self._evict_oldest()
+                continue
+            if action is Action.DROP_NEW:
+                self._dropped += 1
+                self._episode_drops += 1
+                return
+            cause = LagCause.LAG if action is Action.DISCONNECT_LAG else LagCause.QUEUE_FULL
+            self.fail(SlowConsumer(cause))
+            return
+        self._queue.append((frame, size, False))
+        self._messages += 1
+        self._bytes += size
+        self._wake()
+
+    def send_control_nowait(self, frame: str) -> None:
+        """Queue a control frame (``subscribed``, ``pong``, ``error``); the policy never drops it.
+
+        Control frames are bounded by the reader instead: it waits in
+        :meth:`wait_control_room` before each command it sends on.
+        """
+        if self._closed:
+            return
+        self._queue.append((frame, len(frame), True))
+        self._wake()
+
+    async def wait_control_room(self, limit: int) -> None:
+        """Wait until fewer than ``limit`` control frames are queued."""
+        while not self._closed and len(self._queue) - self._messages >= limit:
+            await self._wait()
+
+    async def receive(self) -> Frame:
+        """Take the oldest frame, waiting for one.
+
+        Raises:
+            Closing: the outbox failed (a slow consumer, the hub stopping).
+            anyio.EndOfStream: the outbox was closed.
+        """
+        while not self._queue:
+            if self._closed:
+                raise self._error or anyio.EndOfStream
+            await self._wait()
+        frame, size, control = self._queue.popleft()
+        if not control:
+            self._messages -= 1
+            self._bytes -= size
+        if self._messages == 0 and self._overflowing_since is not None:
+            self._log.info("outbox_recovered", dropped=self._episode_drops)
+            self._overflowing_since = None
+            self._episode_drops = 0
+        if self._waiter is not None:
+            self._wake()
+        return frame
+
+    def fail(self, error: Closing) -> None:
+        """Close the outbox because of ``error``, release its frames and tell the connection."""
+        if self._closed:
+            return
+        self._error = error
+        self.close()
+        self._on_fail(error)
+
+    def close(self) -> None:
+        """Close the outbox and release every queued frame."""
+        self._closed = True
+        self._queue.clear()
+        self._messages = 0
+        self._bytes = 0
+        self._wake()
+
+    @property
+    def error(self) -> Closing | None:
+        """Why the outbox failed, if it did."""
+        return self._error
+
+    def statistics(self) -> OutboxStatistics:
+        """Return what the outbox holds and has dropped."""
+        return OutboxStatistics(
+            queued_messages=self._messages,
+            queued_bytes=self._bytes,
+            queued_control=len(self._queue) - self._messages,
+            max_messages=self.max_messages,
+            max_bytes=self.max_bytes,
+            dropped=self._dropped,
+            closed=self._closed,
+        )
+
+    def _evict_oldest(self) -> None:
+        for index, (_, size, control) in enumerate(self._queue):
+            if not control:
+                del self._queue[index]
+                self._messages -= 1
+                self._bytes -= size
+                self._dropped += 1
+                self._episode_drops += 1
+                return
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            self._waiter.set()
+            self._waiter = None
+
+    async def _wait(self) -> None:
+        if self._waiter is None:
+            self._waiter = anyio.Event()
+        await self._waiter.wait()

@@ -1,0 +1,159 @@
+"""The wire: parsing client frames and encoding server frames. No I/O.
+
+Multiplexed mode speaks JSON text frames (see the README's protocol section); raw mode
+passes frames through verbatim. Every parse failure is a :class:`ProtocolError` whose
+``error`` code clients can match on.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from broadcaster.errors import ProtocolError
+
+TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+class Mode(Enum):
+    """How a connection speaks: raw frames on one topic, or JSON envelopes on many."""
+
+    RAW = "raw"
+    MUX = "mux"
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """A published message, in the forms its subscribers receive.
+
+    Args:
+        raw: the frame raw-mode subscribers receive, text or bytes.
+        json: the JSON text of the data when it was published as JSON; otherwise the
+            envelope's ``data`` is derived from ``raw``.
+    """
+
+    raw: str | bytes
+    json: str | None = None
+
+    def envelope(self, topic: str, seq: int) -> str:
+        """Encode the multiplexed-mode frame for this payload (once per publish)."""
+        if self.json is not None:
+            data = self.json
+        elif isinstance(self.raw, str):
+            data = _dumps(self.raw)
+        else:
+            data = '"' + base64.b64encode(self.raw).decode("ascii") + '","encoding":"base64"'
+        # Topics are validated against TOPIC_PATTERN, so they need no JSON escaping.
+        return '{"topic":"' + topic + '","seq":' + str(seq) + ',"data":' + data + "}"
+
+    @classmethod
+    def from_data(cls, data: Any) -> Payload:
+        """Build the payload of a JSON value: strings reach raw subscribers as themselves."""
+        text = _dumps(data)
+        return cls(raw=data if isinstance(data, str) else text, json=text)
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Subscribe this connection to ``topic``."""
+
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """Unsubscribe this connection from ``topic``."""
+
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Publish ``payload`` to every subscriber of ``topic``."""
+
+    topic: str
+    payload: Payload
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Ask for a ``pong``."""
+
+
+Command = Subscribe | Unsubscribe | Publish | Ping
+
+
+def validate_topic(topic: object) -> str:
+    """Return ``topic`` if it is a valid topic name.
+
+    Raises:
+        ProtocolError: ``invalid_topic``.
+    """
+    if isinstance(topic, str) and TOPIC_PATTERN.fullmatch(topic):
+        return topic
+    raise ProtocolError(
+        "invalid_topic", "a topic is 1 to 128 characters of A-Z, a-z, 0-9, '_', '.', ':' and '-'"
+    )
+
+
+def parse_frame(frame: str | bytes) -> Command:
+    """Parse one multiplexed-mode client frame.
+
+    Raises:
+        ProtocolError: ``binary_frame``, ``invalid_json``, ``invalid_frame``, ``unknown_op``,
+            ``missing_field`` or ``invalid_topic``.
+    """
+    if isinstance(frame, bytes):
+        raise ProtocolError("binary_frame", "multiplexed mode takes JSON text frames only")
+    try:
+        message = json.loads(frame, parse_constant=_reject_constant)
+    except ValueError as error:
+        raise ProtocolError("invalid_json", str(error)) from None
+    except RecursionError:
+        raise ProtocolError("invalid_json", "nested too deeply") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("invalid_frame", "a frame is a JSON object with an 'op' field")
+    op = message.get("op")
+    if op == "ping":
+        return Ping()
+    if op not in ("subscribe", "unsubscribe", "publish"):
+        raise ProtocolError("unknown_op", "op is one of subscribe, unsubscribe, publish, ping")
+    if "topic" not in message:
+        raise ProtocolError("missing_field", f"{op} needs a 'topic'")
+    topic = validate_topic(message["topic"])
+    if op == "subscribe":
+        return Subscribe(topic)
+    if op == "unsubscribe":
+        return Unsubscribe(topic)
+    if "data" not in message:
+        raise ProtocolError("missing_field", "publish needs 'data'")
+    return Publish(topic, Payload.from_data(message["data"]))
+
+
+def control_frame(op: str, **fields: str) -> str:
+    """Encode a server control frame such as ``{"op":"pong"}``."""
+    return _dumps({"op": op, **fields})
+
+
+def error_frame(error: ProtocolError) -> str:
+    """Encode the frame that answers a bad client frame."""
+    return control_frame("error", error=error.error, detail=error.detail)
+
+
+def frame_size(frame: str | bytes) -> int:
+    """Bytes ``frame`` takes on the wire, not counting the WebSocket header."""
+    if isinstance(frame, bytes) or frame.isascii():
+        return len(frame)
+    return len(frame.encode())
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")

@@ -1,0 +1,96 @@
+"""Running the app under uvicorn, with the WebSocket protocol class broadcaster needs.
+
+uvicorn's wsproto protocol honours transport flow control (from 0.54), but it waits for a
+stalled peer to drain before it writes a close frame, and it closes with 1012 on shutdown.
+:class:`WSProtocol` closes at once instead: the close frame goes behind whatever is buffered,
+so a laggard that reads again learns why it was cut off, and a peer that never reads is
+aborted after ``close_timeout`` rather than holding its buffer until TCP gives up.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.wsproto_impl import WSProtocol as UvicornWSProtocol
+from wsproto.events import CloseConnection
+from wsproto.utilities import LocalProtocolError
+
+from broadcaster.errors import CloseCode
+
+if TYPE_CHECKING:
+    from uvicorn._types import ASGISendEvent
+
+    from broadcaster.settings import Settings
+
+
+class WSProtocol(UvicornWSProtocol):
+    """uvicorn's wsproto protocol, closing without waiting on a stalled peer."""
+
+    async def send(self, message: ASGISendEvent) -> None:
+        """Send as uvicorn does, except that a close never waits for the peer to read."""
+        if message["type"] == "websocket.close" and self._open():
+            try:
+                self._close_now(message.get("code", 1000), message.get("reason") or "")
+            except LocalProtocolError as error:
+                raise ClientDisconnected from error
+            return
+        await super().send(message)
+
+    def shutdown(self) -> None:
+        """Close an open WebSocket with 1001 (going away) rather than uvicorn's 1012."""
+        if not self._open():
+            super().shutdown()
+            return
+        self.stop_keepalive()
+        try:
+            self._close_now(CloseCode.GOING_AWAY, "server shutting down")
+        except LocalProtocolError:
+            self.transport.close()
+
+    def _open(self) -> bool:
+        return (
+            self.handshake_complete
+            and not self.close_sent
+            and not self.response_started
+            and not self.disconnected
+        )
+
+    def _close_now(self, code: int, reason: str) -> None:
+        output = self.conn.send(CloseConnection(code=code, reason=reason))
+        self.close_sent = True
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.transport.write(output)
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+
+
+def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    """Build the uvicorn configuration that serves ``app`` as ``settings`` say."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws=WSProtocol,
+        ws_max_size=settings.max_message_bytes,
+        # Compression would cost a deflate per message per socket instead of one encoding.
+        ws_per_message_deflate=False,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+    )
+
+
+def bind(settings: Settings) -> socket.socket:
+    """Bind the listening socket, so that a bad address fails before anything else starts."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    sock.set_inheritable(True)
+    return sock

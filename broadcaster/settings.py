@@ -1,0 +1,101 @@
+"""Server settings, read once from ``BROADCASTER_*`` environment variables.
+
+No other module reads the environment: the CLI builds one :class:`Settings` and passes it down.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Self
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from broadcaster.policy import Overflow
+
+ENV_PREFIX = "BROADCASTER_"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class LogFormat(StrEnum):
+    """How log events are rendered."""
+
+    CONSOLE = "console"
+    JSON = "json"
+
+
+class LogLevel(StrEnum):
+    """The least severe log level that is written."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class Settings(BaseSettings):
+    """Every knob of a broadcaster server; immutable once built.
+
+    Raises:
+        pydantic.ValidationError: a value is out of range; :func:`describe_errors` words it.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(8000, description="TCP port to bind.")
+    queue_max_messages: PositiveInt = Field(
+        1000, description="Messages one connection's outbox holds before the policy applies."
+    )
+    queue_max_bytes: PositiveInt = Field(
+        1024 * 1024, description="Bytes one connection's outbox holds before the policy applies."
+    )
+    overflow: Overflow = Field(
+        Overflow.DROP_OLDEST, description="What to do when a message does not fit an outbox."
+    )
+    lag_timeout: PositiveFloat = Field(
+        60.0,
+        description="Seconds an outbox may keep overflowing without catching up before the "
+        "connection is closed with 1013, whatever the policy.",
+    )
+    send_timeout: PositiveFloat = Field(
+        60.0,
+        description="Seconds one socket write may take before the connection is closed with 1013.",
+    )
+    max_message_bytes: PositiveInt = Field(
+        64 * 1024, description="Largest frame or HTTP body a client may publish."
+    )
+    hub_mailbox_size: PositiveInt = Field(
+        10_000, description="Commands queued for the hub before publishers are pushed back."
+    )
+    shutdown_timeout: PositiveInt = Field(
+        5, description="Seconds given to open connections to close on shutdown."
+    )
+    log_level: LogLevel = Field(LogLevel.INFO, description="Least severe level logged.")
+    log_format: LogFormat | None = Field(
+        None, description="`console` or `json`; unset picks console on a terminal, json otherwise."
+    )
+
+    @model_validator(mode="after")
+    def _message_fits_outbox(self) -> Self:
+        if self.max_message_bytes > self.queue_max_bytes:
+            raise ValueError(
+                f"{ENV_PREFIX}MAX_MESSAGE_BYTES ({self.max_message_bytes}) must not exceed "
+                f"{ENV_PREFIX}QUEUE_MAX_BYTES ({self.queue_max_bytes}): "
+                "a message that cannot fit an outbox could never be delivered"
+            )
+        return self
+
+
+def describe_errors(error: ValidationError) -> list[str]:
+    """Word each validation error as the variable, the value given and what is allowed."""
+    lines = []
+    for item in error.errors():
+        if not item["loc"]:
+            lines.append(str(item["ctx"]["error"]) if "ctx" in item else item["msg"])
+            continue
+        variable = ENV_PREFIX + str(item["loc"][0]).upper()
+        lines.append(f"{variable}={item['input']!r}: {item['msg']}")
+    return lines
