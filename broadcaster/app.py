@@ -123,7 +123,8 @@ class Broadcaster:
             try:
                 validate_topic(topic)
             except ProtocolError as error:
-                await websocket.close(1008, error.detail[:120])
+                body = {"error": error.error, "detail": error.detail}
+                await websocket.send_denial_response(JSONResponse(body, 400))
                 return
             await self._serve(websocket, topic)
 

@@ -206,6 +206,10 @@ class Hub:
             raise HubStopped from None
         return receipt
 
+    def subscribers(self) -> tuple[Subscriber, ...]:
+        """Return the connections the hub serves now, for inspection."""
+        return tuple(self._subscribers)
+
     def statistics(self) -> HubStatistics:
         """Return the registry's shape and the mailbox depth."""
         return HubStatistics(
