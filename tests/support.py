@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import uvicorn
@@ -17,14 +16,21 @@ from broadcaster.app import Broadcaster, create_app
 from broadcaster.server import uvicorn_config
 from broadcaster.settings import Settings
 
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
 # How often wait_until looks again; the deadline, not this, bounds the wait.
 POLL_INTERVAL = 0.005
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``predicate`` until it holds; fail the test if it does not within ``timeout``."""
-    with anyio.fail_after(timeout):
-        while not predicate():
+async def wait_until(predicate: Callable[[], bool], deadline: float = 10.0) -> None:
+    """Poll ``predicate`` until it holds; fail the test if it does not within ``deadline``.
+
+    For state that offers no event to wait on, such as uvicorn's ``started`` flag or a
+    server-side outbox seen from a client's test.
+    """
+    with anyio.fail_after(deadline):
+        while not predicate():  # noqa: ASYNC110 - these states have no event to wait on
             await anyio.sleep(POLL_INTERVAL)
 
 

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import socket
-import struct
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from typing import TYPE_CHECKING
 
 import anyio
 import httpx
 import pytest
-from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from broadcaster.hub import Subscriber
 from broadcaster.policy import Overflow
 from broadcaster.settings import Settings
 from tests.support import (
@@ -26,6 +22,13 @@ from tests.support import (
     subscribe,
     wait_until,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from websockets.asyncio.client import ClientConnection
+
+    from broadcaster.hub import Subscriber
 
 BIG = 64 * 1024
 # Enough 64 KiB messages to fill a stalled client's socket buffers (a few MiB) and its outbox.
@@ -130,14 +133,12 @@ async def publish_while_draining(
 async def read_until_closed(connection: ClientConnection) -> tuple[list[int], int, str]:
     """Read a resumed client to the end: the seqs it saw, then the close code and reason."""
     seqs: list[int] = []
-    with anyio.fail_after(20):
-        try:
-            while True:
-                frame = json.loads(await connection.recv())
-                seqs.extend(e["seq"] for e in (frame if isinstance(frame, list) else [frame]))
-        except ConnectionClosed as closed:
-            assert closed.rcvd is not None
-            return seqs, closed.rcvd.code, closed.rcvd.reason
+    with anyio.fail_after(20), suppress(ConnectionClosed):
+        async for text in connection:
+            frame = json.loads(text)
+            seqs.extend(e["seq"] for e in (frame if isinstance(frame, list) else [frame]))
+    assert connection.close_code is not None
+    return seqs, connection.close_code, connection.close_reason or ""
 
 
 @asynccontextmanager
@@ -153,8 +154,7 @@ async def stalled_scenario(
         await subscribe(stalled, "marker", "feed")
         (laggard,) = [s for s in live.broadcaster.hub.subscribers() if "marker" in s.topics]
         fast = [
-            await stack.enter_async_context(client(live.ws_url(), max_size=None))
-            for _ in range(5)
+            await stack.enter_async_context(client(live.ws_url(), max_size=None)) for _ in range(5)
         ]
         for connection in fast:
             await subscribe(connection, "feed")
