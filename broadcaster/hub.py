@@ -197,6 +197,8 @@ class Hub:
             HubBusy: the mailbox is full.
             HubStopped: the hub is not running.
         """
+        if not self._running:
+            raise HubStopped
         receipt = PendingReceipt()
         try:
             self._mailbox.send_nowait(_Publish(topic, payload, receipt))

@@ -87,10 +87,11 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
 
 
 def bind(settings: Settings) -> socket.socket:
-    """Bind the listening socket, so that a bad address fails before anything else starts."""
+    """Bind and listen, so that a bad address fails before anything starts and early
+    clients wait in the backlog rather than being refused."""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.port))
-    sock.set_inheritable(True)
+    sock.listen(2048)
     return sock

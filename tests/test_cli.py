@@ -1,0 +1,109 @@
+"""The ``broadcaster`` command as an operator runs it: a real process, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import anyio
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from tests.support import client, subscribe
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+SERVE = [sys.executable, "-m", "broadcaster", "serve"]
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI to completion with extra environment variables."""
+    return subprocess.run(
+        [*SERVE, *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("BROADCASTER_OVERFLOW", "drop_everything", "'drop_oldest', 'drop_newest' or 'disconnect'"),
+        ("BROADCASTER_QUEUE_MAX_MESSAGES", "0", "greater than 0"),
+        ("BROADCASTER_QUEUE_MAX_BYTES", "lots", "valid integer"),
+        ("BROADCASTER_LAG_TIMEOUT", "-1", "greater than 0"),
+        ("BROADCASTER_PORT", "70000", "less than or equal to 65535"),
+    ],
+)
+def test_bad_setting_exits_2_naming_the_variable(variable: str, value: str, expected: str) -> None:
+    """A bad value stops the server with status 2 and names the variable, value and rule."""
+    result = run({variable: value})
+    assert result.returncode == 2
+    assert variable in result.stderr
+    assert repr(value) in result.stderr
+    assert expected in result.stderr
+
+
+def test_message_larger_than_the_outbox_is_refused() -> None:
+    """MAX_MESSAGE_BYTES above QUEUE_MAX_BYTES is refused, naming both variables."""
+    result = run({"BROADCASTER_MAX_MESSAGE_BYTES": "2048", "BROADCASTER_QUEUE_MAX_BYTES": "1024"})
+    assert result.returncode == 2
+    assert "BROADCASTER_MAX_MESSAGE_BYTES" in result.stderr
+    assert "BROADCASTER_QUEUE_MAX_BYTES" in result.stderr
+
+
+def test_busy_port_exits_2() -> None:
+    """A port that is taken is reported with status 2 rather than a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run({}, "--port", str(taken.getsockname()[1]))
+    assert result.returncode == 2
+    assert "cannot bind" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@contextmanager
+def serving(*args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Start ``broadcaster serve --port 0`` and read the port it bound from its first log line."""
+    process = subprocess.Popen(
+        [*SERVE, "--port", "0", *args],
+        env={**os.environ, "BROADCASTER_LOG_FORMAT": "json"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        first = json.loads(process.stderr.readline())
+        assert first["event"] == "server_starting"
+        yield process, first["port"]
+    finally:
+        process.kill()
+        process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_closes_clients_with_1001_and_exits_0(signum: signal.Signals) -> None:
+    """SIGTERM or SIGINT closes every socket with 1001 and the process exits with status 0."""
+    with serving() as (process, port):
+        async with client(f"ws://127.0.0.1:{port}/ws", open_timeout=30) as connection:
+            await subscribe(connection, "a")
+            process.send_signal(signum)
+            with anyio.fail_after(20), pytest.raises(ConnectionClosed):
+                await connection.recv()
+            assert connection.close_code == 1001
+        with anyio.fail_after(20):
+            status = await anyio.to_thread.run_sync(process.wait)
+        assert status == 0
