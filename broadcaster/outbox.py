@@ -96,17 +96,21 @@ class Outbox:
             if room:
                 break
             now = self._clock()
-            if self._overflowing_since is None:
-                self._overflowing_since = now
-                self._log.warning("outbox_overflow", policy=self._overflow.value)
+            since = self._overflowing_since
             action = decide(
                 self._overflow,
                 queue_empty=self._messages == 0,
                 size=size,
                 max_bytes=self.max_bytes,
-                overflowing_for=now - self._overflowing_since,
+                overflowing_for=None if since is None else now - since,
                 lag_timeout=self._lag_timeout,
             )
+            if action is Action.DROP_OVERSIZED:
+                self._dropped += 1
+                return
+            if since is None:
+                self._overflowing_since = now
+                self._log.warning("outbox_overflow", policy=self._overflow.value)
             if action is Action.EVICT_OLDEST:
                 self._evict_oldest()
                 continue

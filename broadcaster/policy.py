@@ -19,6 +19,7 @@ class Overflow(StrEnum):
 class Action(Enum):
     """What becomes of a message that does not fit an outbox."""
 
+    DROP_OVERSIZED = "drop_oversized"
     EVICT_OLDEST = "evict_oldest"
     DROP_NEW = "drop_new"
     DISCONNECT_FULL = "disconnect_full"
@@ -45,11 +46,12 @@ def decide(
             or ``None`` when it is not overflowing.
         lag_timeout: how long an outbox may keep overflowing before its connection is cut off.
     """
+    if size > max_bytes:
+        # No amount of evicting makes room for it: drop it whatever the policy says. It says
+        # nothing about the consumer, so it neither starts an overflow episode nor ends one.
+        return Action.DROP_OVERSIZED
     if overflowing_for is not None and overflowing_for >= lag_timeout:
         return Action.DISCONNECT_LAG
-    if size > max_bytes:
-        # No amount of evicting makes room for it: drop it whatever the policy says.
-        return Action.DROP_NEW
     if policy is Overflow.DISCONNECT:
         return Action.DISCONNECT_FULL
     if policy is Overflow.DROP_OLDEST and not queue_empty:

@@ -1,10 +1,13 @@
 """Running the app under uvicorn, with the WebSocket protocol class broadcaster needs.
 
 uvicorn's wsproto protocol honours transport flow control (from 0.54), but it waits for a
-stalled peer to drain before it writes a close frame, and it closes with 1012 on shutdown.
-:class:`WSProtocol` closes at once instead: the close frame goes behind whatever is buffered,
-so a laggard that reads again learns why it was cut off, and a peer that never reads is
-aborted after ``close_timeout`` rather than holding its buffer until TCP gives up.
+stalled peer to drain before it writes a close frame, it closes with 1012 on shutdown, and it
+drops a connection whose frame wsproto cannot parse without saying why. :class:`WSProtocol`
+closes at once instead: the close frame goes behind whatever is buffered, so a laggard that
+reads again learns why it was cut off, and a peer that never reads is aborted after
+``close_timeout`` rather than holding its buffer until TCP gives up. Shutdown says 1001, and
+a bad frame is answered with wsproto's code (1007 for text that is not UTF-8, 1002 for a
+protocol error).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol as UvicornWSProtocol
+from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 from wsproto.utilities import LocalProtocolError
 
@@ -24,6 +28,10 @@ if TYPE_CHECKING:
     from uvicorn._types import ASGISendEvent
 
     from broadcaster.settings import Settings
+
+
+# A close frame's reason is at most 123 bytes (RFC 6455, section 5.5).
+MAX_REASON_BYTES = 123
 
 
 class WSProtocol(UvicornWSProtocol):
@@ -38,6 +46,19 @@ class WSProtocol(UvicornWSProtocol):
                 raise ClientDisconnected from error
             return
         await super().send(message)
+
+    def handle_close(self, event: CloseConnection) -> None:
+        """Tell the peer why when wsproto reports a frame it could not parse."""
+        if self.conn.state is not ConnectionState.OPEN or self.close_sent:
+            super().handle_close(event)  # the peer's own close frame
+            return
+        reason = (event.reason or "").encode()[:MAX_REASON_BYTES].decode(errors="ignore")
+        self.close_sent = True
+        self.transport.write(self.conn.send(CloseConnection(code=event.code, reason=reason)))
+        self.queue.put_nowait(
+            {"type": "websocket.disconnect", "code": event.code, "reason": reason}
+        )
+        self.transport.close()
 
     def shutdown(self) -> None:
         """Close an open WebSocket with 1001 (going away) rather than uvicorn's 1012."""

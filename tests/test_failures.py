@@ -167,3 +167,19 @@ async def test_http_publish_answers_503_when_the_hub_is_not_running() -> None:
         health = await http.get("/healthz")
     assert publish.status_code == 503
     assert health.status_code == 503
+
+
+async def test_invalid_utf8_text_frame_closes_with_1007_and_spares_others() -> None:
+    """A text frame that is not UTF-8 closes that client with 1007; others keep receiving."""
+    async with (
+        running_server() as live,
+        client(live.ws_url()) as rogue,
+        client(live.ws_url()) as good,
+    ):
+        await subscribe(good, "t")
+        await rogue.send(b"\xff\xfe", text=True)
+        with anyio.fail_after(10), pytest.raises(ConnectionClosed):
+            await rogue.recv()
+        assert rogue.close_code == 1007
+        await live.broadcaster.publish("t", "still here")
+        assert await receive_json(good) == {"topic": "t", "seq": 1, "data": "still here"}
