@@ -12,6 +12,7 @@ protocol error).
 
 from __future__ import annotations
 
+import signal
 import socket
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +24,17 @@ from wsproto.events import CloseConnection
 from wsproto.utilities import LocalProtocolError
 
 from broadcaster.errors import CloseCode
+from broadcaster.log import get_logger
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from uvicorn._types import ASGISendEvent
 
     from broadcaster.settings import Settings
 
+
+logger = get_logger("broadcaster.server")
 
 # A close frame's reason is at most 123 bytes (RFC 6455, section 5.5).
 MAX_REASON_BYTES = 123
@@ -116,3 +122,32 @@ def bind(settings: Settings) -> socket.socket:
     sock.bind((settings.host, settings.port))
     sock.listen(2048)
     return sock
+
+
+def run(settings: Settings, make_app: Callable[[Callable[[], None]], Any]) -> int:
+    """Serve an app until SIGINT or SIGTERM and return the process's exit status.
+
+    Args:
+        settings: where to bind and how to serve.
+        make_app: builds the ASGI app; it is given the callback that stops the server, for
+            :class:`broadcaster.app.Broadcaster`'s ``on_hub_failure``.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    sock = bind(settings)
+    hub_failed = False
+
+    def stop_on_hub_failure() -> None:
+        nonlocal hub_failed
+        hub_failed = True
+        server.should_exit = True
+
+    server = uvicorn.Server(uvicorn_config(make_app(stop_on_hub_failure), settings))
+    # uvicorn re-raises the signal that stopped it once it has shut down; absorbing it here
+    # lets a graceful stop exit with status 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
+    logger.info("server_starting", host=settings.host, port=sock.getsockname()[1])
+    server.run(sockets=[sock])
+    return 1 if hub_failed or not server.started else 0
