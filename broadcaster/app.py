@@ -6,7 +6,6 @@ routes that reach it, so it can be mounted into an existing app as well as serve
 
 from __future__ import annotations
 
-import json
 import uuid
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,7 @@ from broadcaster.connection import Connection
 from broadcaster.errors import HubBusy, HubStopped, ProtocolError
 from broadcaster.hub import Hub
 from broadcaster.log import get_logger
-from broadcaster.protocol import Payload, validate_topic
+from broadcaster.protocol import Payload, parse_json_body, validate_topic
 from broadcaster.settings import Settings
 
 if TYPE_CHECKING:
@@ -176,9 +175,9 @@ class Broadcaster:
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type == "application/json":
             try:
-                return Payload.from_data(json.loads(body))
-            except ValueError as error:
-                raise HTTPException(400, f"the body is not valid JSON: {error}") from None
+                return parse_json_body(body)
+            except ProtocolError as error:
+                raise HTTPException(400, f"the body is not valid JSON: {error.detail}") from None
         try:
             return Payload(body.decode())
         except UnicodeDecodeError:

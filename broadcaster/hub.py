@@ -8,6 +8,7 @@ subscriber or a lock one holds.
 from __future__ import annotations
 
 from collections import deque
+from contextlib import suppress
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from anyio.abc import TaskStatus
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
     from structlog.typing import FilteringBoundLogger
 
     from broadcaster.outbox import Outbox
@@ -51,14 +53,19 @@ class PendingReceipt:
         self._done = anyio.Event()
         self._receipt: Receipt | None = None
 
-    def _set(self, receipt: Receipt) -> None:
+    def _set(self, receipt: Receipt | None) -> None:
         self._receipt = receipt
         self._done.set()
 
     async def wait(self) -> Receipt:
-        """Wait for the hub to process the publish."""
+        """Wait for the hub to process the publish.
+
+        Raises:
+            HubStopped: the hub stopped before it got to this publish.
+        """
         await self._done.wait()
-        assert self._receipt is not None
+        if self._receipt is None:
+            raise HubStopped
         return self._receipt
 
 
@@ -121,39 +128,46 @@ class Hub:
     """
 
     def __init__(self, *, mailbox_size: int, logger: FilteringBoundLogger) -> None:
-        self._mailbox, self._inbox = anyio.create_memory_object_stream[_Command](mailbox_size)
+        self._mailbox_size = mailbox_size
         self._log = logger
+        # The mailbox exists while the hub runs; None means stopped.
+        self._mailbox: MemoryObjectSendStream[_Command] | None = None
         self._topics: dict[str, _Topic] = {}
         self._subscribers: set[Subscriber] = set()
         # Departures bypass the mailbox so that a full mailbox cannot lose a cleanup.
         self._departures: deque[Subscriber] = deque()
         self._published = 0
-        self._running = False
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve the mailbox until cancelled; then fail every subscriber's outbox.
 
         Subscribers are told :class:`ShuttingDown` when the hub is cancelled and a 1011
-        ``Closing`` when it crashed.
+        ``Closing`` when it crashed; publishers still waiting for a receipt get
+        :class:`HubStopped`.
         """
         error: Closing = Closing(CloseCode.INTERNAL_ERROR, "internal error")
-        self._running = True
+        self._mailbox, inbox = anyio.create_memory_object_stream[_Command](self._mailbox_size)
         self._log.info("hub_started")
         task_status.started()
         try:
-            async with self._inbox:
-                async for command in self._inbox:
-                    self._handle(command)
-                    while self._departures:
-                        self._leave(self._departures.popleft())
+            async for command in inbox:
+                self._handle(command)
+                while self._departures:
+                    self._leave(self._departures.popleft())
         except anyio.get_cancelled_exc_class():
             error = ShuttingDown()
             raise
         finally:
-            self._running = False
+            self._mailbox.close()
+            self._mailbox = None
+            for command in _drain(inbox):
+                if isinstance(command, _Publish) and command.receipt is not None:
+                    command.receipt._set(None)
+            inbox.close()
             for subscriber in list(self._subscribers):
                 subscriber.outbox.fail(error)
             self._subscribers.clear()
+            self._departures.clear()
             self._topics.clear()
             self._log.info("hub_stopped", reason=error.reason)
 
@@ -163,20 +177,18 @@ class Hub:
         Raises:
             HubStopped: the hub is not running.
         """
-        if not self._running:
+        if self._mailbox is None:
             raise HubStopped
         self._subscribers.add(subscriber)
 
     def leave_nowait(self, subscriber: Subscriber) -> None:
         """Remove a connection and all its subscriptions; never blocks, never lost."""
-        if not self._running:
-            return
+        if self._mailbox is None:
+            return  # a stopped hub holds no subscriptions
         self._departures.append(subscriber)
-        try:
-            # When the mailbox is full the hub is awake anyway and takes the departure next.
+        # When the mailbox is full the hub is awake anyway and takes the departure next.
+        with suppress(anyio.WouldBlock):
             self._mailbox.send_nowait(_WAKE)
-        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
 
     async def subscribe(self, subscriber: Subscriber, topic: str) -> None:
         """Ask the hub to subscribe ``subscriber`` to ``topic``, waiting for mailbox room."""
@@ -197,15 +209,13 @@ class Hub:
             HubBusy: the mailbox is full.
             HubStopped: the hub is not running.
         """
-        if not self._running:
+        if self._mailbox is None:
             raise HubStopped
         receipt = PendingReceipt()
         try:
             self._mailbox.send_nowait(_Publish(topic, payload, receipt))
         except anyio.WouldBlock:
             raise HubBusy from None
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            raise HubStopped from None
         return receipt
 
     def subscribers(self) -> tuple[Subscriber, ...]:
@@ -215,17 +225,17 @@ class Hub:
     def statistics(self) -> HubStatistics:
         """Return the registry's shape and the mailbox depth."""
         return HubStatistics(
-            running=self._running,
+            running=self._mailbox is not None,
             topics=MappingProxyType(
                 {name: len(t.raw) + len(t.mux) for name, t in self._topics.items()}
             ),
             subscribers=len(self._subscribers),
-            mailbox_depth=self._mailbox.statistics().current_buffer_used,
+            mailbox_depth=self._mailbox.statistics().current_buffer_used if self._mailbox else 0,
             published=self._published,
         )
 
     async def _send(self, command: _Command) -> None:
-        if not self._running:
+        if self._mailbox is None:
             raise HubStopped
         try:
             await self._mailbox.send(command)
@@ -296,3 +306,12 @@ class Hub:
         topic.members(subscriber.mode).discard(subscriber.outbox)
         if not topic.raw and not topic.mux:
             del self._topics[name]
+
+
+def _drain(inbox: MemoryObjectReceiveStream[_Command]) -> list[_Command]:
+    """Take what is left in a mailbox whose send end is closed."""
+    left = []
+    with suppress(anyio.EndOfStream):
+        while True:
+            left.append(inbox.receive_nowait())
+    return left

@@ -52,8 +52,16 @@ class Payload:
 
     @classmethod
     def from_data(cls, data: Any) -> Payload:
-        """Build the payload of a JSON value: strings reach raw subscribers as themselves."""
+        """Build the payload of a JSON value: strings reach raw subscribers as themselves.
+
+        Raises:
+            ValueError: ``data`` has no JSON text that can be sent: NaN, infinities, or
+                strings that are not valid Unicode (lone surrogates).
+            RecursionError: ``data`` is nested too deeply to encode.
+        """
         text = _dumps(data)
+        if not text.isascii():
+            text.encode()  # raises UnicodeEncodeError on a lone surrogate
         return cls(raw=data if isinstance(data, str) else text, json=text)
 
 
@@ -109,12 +117,7 @@ def parse_frame(frame: str | bytes) -> Command:
     """
     if isinstance(frame, bytes):
         raise ProtocolError("binary_frame", "multiplexed mode takes JSON text frames only")
-    try:
-        message = json.loads(frame, parse_constant=_reject_constant)
-    except ValueError as error:
-        raise ProtocolError("invalid_json", str(error)) from None
-    except RecursionError:
-        raise ProtocolError("invalid_json", "nested too deeply") from None
+    message = _loads(frame)
     if not isinstance(message, dict):
         raise ProtocolError("invalid_frame", "a frame is a JSON object with an 'op' field")
     op = message.get("op")
@@ -131,7 +134,30 @@ def parse_frame(frame: str | bytes) -> Command:
         return Unsubscribe(topic)
     if "data" not in message:
         raise ProtocolError("missing_field", "publish needs 'data'")
-    return Publish(topic, Payload.from_data(message["data"]))
+    return Publish(topic, payload_of(message["data"]))
+
+
+def payload_of(data: Any) -> Payload:
+    """Build the payload of client-supplied JSON data.
+
+    Raises:
+        ProtocolError: ``invalid_json`` when the data cannot be sent on as JSON.
+    """
+    try:
+        return Payload.from_data(data)
+    except ValueError as error:
+        raise ProtocolError("invalid_json", str(error)) from None
+    except RecursionError:
+        raise ProtocolError("invalid_json", "nested too deeply") from None
+
+
+def parse_json_body(body: bytes) -> Payload:
+    """Build the payload of an ``application/json`` HTTP body.
+
+    Raises:
+        ProtocolError: ``invalid_json``.
+    """
+    return payload_of(_loads(body))
 
 
 def control_frame(op: str, **fields: str) -> str:
@@ -149,6 +175,15 @@ def frame_size(frame: str | bytes) -> int:
     if isinstance(frame, bytes) or frame.isascii():
         return len(frame)
     return len(frame.encode())
+
+
+def _loads(text: str | bytes) -> Any:
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as error:
+        raise ProtocolError("invalid_json", str(error)) from None
+    except RecursionError:
+        raise ProtocolError("invalid_json", "nested too deeply") from None
 
 
 def _dumps(value: Any) -> str:

@@ -1,0 +1,361 @@
+"""Tests for broadcaster.protocol: parsing client frames and encoding server frames."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from typing import Any
+
+import pytest
+
+from broadcaster.errors import ProtocolError
+from broadcaster.protocol import (
+    Command,
+    Payload,
+    Ping,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+    control_frame,
+    error_frame,
+    frame_size,
+    parse_frame,
+    validate_topic,
+)
+
+VALID_TOPICS = ["t", "a" * 128, "Az09_.:-", "room:42.chat-main_1"]
+INVALID_TOPICS: list[object] = [
+    "",
+    "a" * 129,
+    "with space",
+    "slash/topic",
+    'quote"topic',
+    "back\\slash",
+    "newline\n",
+    "caf\u00e9",
+    "\u0661",  # an Arabic-Indic digit: a digit to str.isdigit, not to the topic grammar
+    5,
+    None,
+    ["t"],
+    {"t": 1},
+]
+
+
+def parse_error(frame: str | bytes) -> ProtocolError:
+    """Return the ProtocolError that parsing ``frame`` raises."""
+    with pytest.raises(ProtocolError) as raised:
+        parse_frame(frame)
+    return raised.value
+
+
+def test_ping_parses() -> None:
+    """A ping frame parses to Ping, whatever other fields it carries."""
+    assert parse_frame('{"op":"ping"}') == Ping()
+    assert parse_frame('{"op":"ping","topic":"ignored","id":1}') == Ping()
+
+
+@pytest.mark.parametrize("topic", VALID_TOPICS)
+def test_subscribe_and_unsubscribe_parse(topic: str) -> None:
+    """Subscribe and unsubscribe frames parse to their commands with the topic."""
+    assert parse_frame(json.dumps({"op": "subscribe", "topic": topic})) == Subscribe(topic)
+    assert parse_frame(json.dumps({"op": "unsubscribe", "topic": topic})) == Unsubscribe(topic)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"price": 1.5, "tags": ["a", "b"]},
+        [1, 2, 3],
+        "hello",
+        "h\u00e9llo \u2603",
+        42,
+        0.5,
+        True,
+        None,
+    ],
+    ids=["object", "array", "ascii_str", "unicode_str", "int", "float", "bool", "null"],
+)
+def test_publish_parses_any_json_data(data: Any) -> None:
+    """A publish frame parses to Publish with the data's payload, whatever JSON the data is."""
+    command = parse_frame(json.dumps({"op": "publish", "topic": "t", "data": data}))
+    assert isinstance(command, Publish)
+    assert command.topic == "t"
+    assert command.payload == Payload.from_data(data)
+    assert command.payload.json is not None
+    assert json.loads(command.payload.json) == data
+
+
+def test_parse_frame_accepts_whitespace_and_key_order() -> None:
+    """Parsing is about JSON values, not layout: whitespace and key order do not matter."""
+    command = parse_frame('  {"data" : {"a" : 1} ,\n "topic":"t", "op":"publish"}  ')
+    assert command == Publish("t", Payload.from_data({"a": 1}))
+
+
+def test_binary_frames_are_rejected() -> None:
+    """A binary frame is a binary_frame error, even when it holds valid JSON."""
+    assert parse_error(b'{"op":"ping"}').error == "binary_frame"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "",
+        "{",
+        "not json",
+        "{'op':'ping'}",
+        '{"op":"ping"',
+        '{"op":"ping"} trailing',
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        '{"op":"publish","topic":"t","data":NaN}',
+        '{"op":"publish","topic":"t","data":[1,Infinity]}',
+        '{"op":"publish","topic":"t","data":{"x":-Infinity}}',
+    ],
+)
+def test_invalid_json_is_rejected(frame: str) -> None:
+    """Text that is not strict JSON, NaN and Infinity included, is an invalid_json error."""
+    error = parse_error(frame)
+    assert error.error == "invalid_json"
+    assert error.detail
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "[" * 100_000,
+        "{" * 100_000,
+        '{"a":' * 100_000,
+        '{"op":"publish","topic":"t","data":' + "[" * 100_000 + "]" * 100_000 + "}",
+    ],
+    ids=["arrays", "braces", "objects", "published_data"],
+)
+def test_deeply_nested_json_is_rejected(frame: str) -> None:
+    """JSON nested deeper than the parser can go is an invalid_json error, not a RecursionError."""
+    assert parse_error(frame).error == "invalid_json"
+
+
+def test_no_nesting_depth_escapes_as_recursion_error() -> None:
+    """At every nesting depth a publish either parses or is an invalid_json error."""
+    for depth in range(1, sys.getrecursionlimit() + 50):
+        frame = '{"op":"publish","topic":"t","data":' + "[" * depth + "]" * depth + "}"
+        try:
+            command: Command | str = parse_frame(frame)
+        except ProtocolError as error:
+            command = error.error
+        assert isinstance(command, Publish) or command == "invalid_json", depth
+
+
+def test_published_data_must_be_encodable_as_utf8() -> None:
+    """A lone surrogate in published data is invalid_json, since no UTF-8 frame can carry it."""
+    error = parse_error('{"op":"publish","topic":"t","data":"\\ud800"}')
+    assert error.error == "invalid_json"
+
+
+def test_surrogate_pairs_in_published_data_are_fine() -> None:
+    """An escaped surrogate pair is one valid character, so its publish parses and encodes."""
+    command = parse_frame('{"op":"publish","topic":"t","data":"\\ud83d\\ude00"}')
+    assert isinstance(command, Publish)
+    assert command.payload.raw == "\U0001f600"
+    assert frame_size(command.payload.envelope("t", 1)) == len(
+        command.payload.envelope("t", 1).encode()
+    )
+
+
+@pytest.mark.parametrize("frame", ["[]", '[{"op":"ping"}]', "1", "1.5", '"ping"', "null", "true"])
+def test_non_objects_are_invalid_frames(frame: str) -> None:
+    """Valid JSON that is not an object is an invalid_frame error."""
+    assert parse_error(frame).error == "invalid_frame"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "{}",
+        '{"topic":"t"}',
+        '{"op":"jump","topic":"t"}',
+        '{"op":"PING"}',
+        '{"op":"Subscribe","topic":"t"}',
+        '{"op":null}',
+        '{"op":1}',
+        '{"op":["ping"]}',
+        '{"op":{"ping":1}}',
+    ],
+)
+def test_unknown_ops_are_rejected(frame: str) -> None:
+    """A missing, misspelt or non-string op is an unknown_op error."""
+    assert parse_error(frame).error == "unknown_op"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"op":"subscribe"}',
+        '{"op":"unsubscribe"}',
+        '{"op":"publish","data":1}',
+        '{"op":"publish","topic":"t"}',
+    ],
+)
+def test_missing_fields_are_rejected(frame: str) -> None:
+    """A command without its topic, or a publish without data, is a missing_field error."""
+    error = parse_error(frame)
+    assert error.error == "missing_field"
+    assert "topic" in error.detail or "data" in error.detail
+
+
+@pytest.mark.parametrize("op", ["subscribe", "unsubscribe", "publish"])
+@pytest.mark.parametrize("topic", INVALID_TOPICS)
+def test_invalid_topics_are_rejected(op: str, topic: object) -> None:
+    """An empty, too long, badly spelt or non-string topic is an invalid_topic error."""
+    error = parse_error(json.dumps({"op": op, "topic": topic, "data": 1}))
+    assert error.error == "invalid_topic"
+    assert "128" in error.detail
+
+
+@pytest.mark.parametrize("topic", INVALID_TOPICS)
+def test_validate_topic_rejects_invalid_topics(topic: object) -> None:
+    """validate_topic raises invalid_topic for every invalid topic."""
+    with pytest.raises(ProtocolError) as raised:
+        validate_topic(topic)
+    assert raised.value.error == "invalid_topic"
+
+
+@pytest.mark.parametrize("topic", VALID_TOPICS)
+def test_validate_topic_returns_valid_topics(topic: str) -> None:
+    """validate_topic returns a valid topic unchanged."""
+    assert validate_topic(topic) == topic
+
+
+def test_protocol_error_carries_its_code_and_detail() -> None:
+    """A ProtocolError's message names its code and detail."""
+    error = parse_error("[]")
+    assert str(error) == f"invalid_frame: {error.detail}"
+
+
+def test_envelope_of_json_data_embeds_the_json() -> None:
+    """A JSON payload's envelope carries the data as JSON with the topic and seq."""
+    payload = Payload.from_data({"price": 1.5, "name": "caf\u00e9"})
+    frame = payload.envelope("prices", 7)
+    assert json.loads(frame) == {
+        "topic": "prices",
+        "seq": 7,
+        "data": {"price": 1.5, "name": "caf\u00e9"},
+    }
+
+
+@pytest.mark.parametrize(
+    "text", ["plain", 'quote " and \\ backslash', "line\nbreak\t\u0000", "\u2603"]
+)
+def test_envelope_of_raw_text_is_a_json_string(text: str) -> None:
+    """A raw text payload's envelope carries the text as a JSON string, escaped as needed."""
+    frame = Payload(text).envelope("t", 1)
+    assert json.loads(frame) == {"topic": "t", "seq": 1, "data": text}
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x00\x01\xff", bytes(range(256)), b"{not json"])
+def test_envelope_of_raw_bytes_is_base64(raw: bytes) -> None:
+    """A raw bytes payload's envelope is valid JSON carrying base64 data and its encoding."""
+    frame = Payload(raw).envelope("bin", 3)
+    decoded = json.loads(frame)
+    assert decoded == {
+        "topic": "bin",
+        "seq": 3,
+        "data": base64.b64encode(raw).decode("ascii"),
+        "encoding": "base64",
+    }
+    assert base64.b64decode(decoded["data"]) == raw
+
+
+def test_envelope_ignores_raw_when_json_is_given() -> None:
+    """When a payload has JSON, the envelope uses it rather than the raw frame."""
+    payload = Payload(raw=b"ignored", json='{"a":1}')
+    assert json.loads(payload.envelope("t", 2)) == {"topic": "t", "seq": 2, "data": {"a": 1}}
+
+
+def test_from_data_of_a_string_keeps_it_raw() -> None:
+    """A string reaches raw subscribers as itself and mux subscribers as a JSON string."""
+    payload = Payload.from_data("h\u00e9llo")
+    assert payload.raw == "h\u00e9llo"
+    assert payload.json == '"h\u00e9llo"'
+
+
+@pytest.mark.parametrize(
+    ("data", "text"),
+    [
+        ({"b": [1, 2], "a": None}, '{"b":[1,2],"a":null}'),
+        ([1, "\u2603"], '[1,"\u2603"]'),
+        (42, "42"),
+        (True, "true"),
+        (None, "null"),
+    ],
+)
+def test_from_data_of_other_values_is_compact_json(data: Any, text: str) -> None:
+    """Any other value reaches every subscriber as compact, non-ASCII-escaped JSON text."""
+    payload = Payload.from_data(data)
+    assert payload == Payload(raw=text, json=text)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_from_data_rejects_non_json_floats(value: float) -> None:
+    """Payload.from_data refuses NaN and infinities, which are not JSON."""
+    with pytest.raises(ValueError, match="JSON"):
+        Payload.from_data({"x": value})
+
+
+@pytest.mark.parametrize(
+    ("frame", "size"),
+    [
+        ("", 0),
+        ("hello", 5),
+        ("caf\u00e9", 5),
+        ("\u2603", 3),
+        ("\U0001f600", 4),
+        (b"", 0),
+        (b"\x00\xff\x10", 3),
+        ("\u00e9".encode(), 2),
+    ],
+    ids=["empty_str", "ascii", "latin", "bmp", "astral", "empty_bytes", "bytes", "utf8_bytes"],
+)
+def test_frame_size_counts_wire_bytes(frame: str | bytes, size: int) -> None:
+    """frame_size is the UTF-8 length of text and the length of bytes."""
+    assert frame_size(frame) == size
+
+
+@pytest.mark.parametrize(
+    ("frame", "fields"),
+    [
+        (control_frame("pong"), {"op": "pong"}),
+        (control_frame("subscribed", topic="t"), {"op": "subscribed", "topic": "t"}),
+        (
+            control_frame("weird", detail='quote " backslash \\ \u2603'),
+            {"op": "weird", "detail": 'quote " backslash \\ \u2603'},
+        ),
+    ],
+)
+def test_control_frame_is_valid_json(frame: str, fields: dict[str, str]) -> None:
+    """control_frame encodes its op and fields as one JSON object."""
+    assert json.loads(frame) == fields
+
+
+def test_error_frame_is_valid_json() -> None:
+    """error_frame carries the error code and the detail of a ProtocolError."""
+    error = ProtocolError("invalid_json", 'Expecting value: "quoted" \\ \u2603')
+    assert json.loads(error_frame(error)) == {
+        "op": "error",
+        "error": "invalid_json",
+        "detail": 'Expecting value: "quoted" \\ \u2603',
+    }
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        ('{"op":"ping"}', Ping()),
+        ('{"op":"subscribe","topic":"a"}', Subscribe("a")),
+        ('{"op":"unsubscribe","topic":"a"}', Unsubscribe("a")),
+    ],
+)
+def test_parse_frame_returns_commands(frame: str, expected: Command) -> None:
+    """parse_frame returns a command equal to the one the frame describes."""
+    assert parse_frame(frame) == expected
