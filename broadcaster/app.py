@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import uuid
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from fastapi import APIRouter, FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect
 
-from broadcaster.connection import Connection
+from broadcaster.connection import FASTLANE, Connection
 from broadcaster.errors import HubBusy, HubStopped, ProtocolError
 from broadcaster.hub import Hub
 from broadcaster.log import get_logger
@@ -23,28 +23,40 @@ from broadcaster.protocol import Payload, parse_json_body, validate_topic
 from broadcaster.settings import Settings
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Sequence
 
-    from broadcaster.outbox import Frame
+    from broadcaster.protocol import Frame
 
 
 class _StarletteSocket:
-    """The :class:`broadcaster.connection.Socket` over a Starlette WebSocket."""
+    """The :class:`broadcaster.connection.Socket` over a Starlette WebSocket.
+
+    Frames go through the fastlane when the server offers one (see
+    :class:`broadcaster.server.FastLane`), and as plain ASGI messages otherwise; the bytes on
+    the wire are the same.
+    """
 
     def __init__(self, websocket: WebSocket) -> None:
         self._websocket = websocket
+        lane = websocket.scope.get("extensions", {}).get(FASTLANE)
+        self._lane: _Lane | None = lane["lane"] if lane else None
+        self.fastlane = self._lane is not None
 
-    async def receive(self) -> Frame | None:
+    async def receive(self) -> str | bytes | None:
         message = await self._websocket.receive()
         if message["type"] == "websocket.disconnect":
             return None
         text: str | None = message.get("text")
         return text if text is not None else message["bytes"]
 
-    async def send(self, frame: Frame) -> None:
-        key = "text" if isinstance(frame, str) else "bytes"
+    async def send(self, frames: Sequence[Frame]) -> None:
+        if self._lane is not None:
+            await self._lane.write(b"".join([frame.wire for frame in frames]))
+            return
         try:
-            await self._websocket.send({"type": "websocket.send", key: frame})
+            for frame in frames:
+                key = "text" if isinstance(frame.data, str) else "bytes"
+                await self._websocket.send({"type": "websocket.send", key: frame.data})
         except (WebSocketDisconnect, OSError, RuntimeError):
             raise anyio.BrokenResourceError from None
 
@@ -53,6 +65,10 @@ class _StarletteSocket:
             await self._websocket.close(code, reason)
         except (WebSocketDisconnect, OSError, RuntimeError):
             pass  # the client is gone already; there is nobody to tell
+
+
+class _Lane(Protocol):
+    async def write(self, wire: bytes) -> None: ...
 
 
 class Broadcaster:
@@ -107,8 +123,9 @@ class Broadcaster:
     async def _serve(self, websocket: WebSocket, topic: str | None) -> None:
         peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else None
         log = self._log.bind(conn_id=uuid.uuid4().hex[:12], peer=peer)
+        socket = _StarletteSocket(websocket)
         await websocket.accept()
-        await Connection(_StarletteSocket(websocket), self.hub, self.settings, log, topic).run()
+        await Connection(socket, self.hub, self.settings, log, topic, socket.fastlane).run()
 
     def _routes(self) -> APIRouter:
         router = APIRouter()
@@ -178,6 +195,8 @@ class Broadcaster:
                 return parse_json_body(body)
             except ProtocolError as error:
                 raise HTTPException(400, f"the body is not valid JSON: {error.detail}") from None
+        if media_type == "application/octet-stream":
+            return Payload(body)
         try:
             return Payload(body.decode())
         except UnicodeDecodeError:

@@ -22,8 +22,9 @@ from broadcaster.errors import (
     SlowConsumer,
 )
 from broadcaster.hub import Hub, Subscriber
-from broadcaster.outbox import Frame, Outbox
+from broadcaster.outbox import Outbox
 from broadcaster.protocol import (
+    Frame,
     Mode,
     Payload,
     Ping,
@@ -35,6 +36,8 @@ from broadcaster.protocol import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from structlog.typing import FilteringBoundLogger
 
     from broadcaster.settings import Settings
@@ -43,16 +46,20 @@ if TYPE_CHECKING:
 CONTROL_BACKLOG = 32
 # Seconds a close handshake may take before the socket is given up.
 CLOSE_TIMEOUT = 5.0
+# Bytes the sender takes from its outbox for one write; bounds what it holds outside it.
+BATCH_BYTES = 256 * 1024
+# The ASGI scope extension under which broadcaster's uvicorn protocol offers its FastLane.
+FASTLANE = "broadcaster.fastlane"
 
 
 class Socket(Protocol):
     """The little a connection needs of a WebSocket; tests pass fakes."""
 
-    async def receive(self) -> Frame | None:
-        """Return the next frame, or ``None`` once the client has gone."""
+    async def receive(self) -> str | bytes | None:
+        """Return the next client message, or ``None`` once the client has gone."""
 
-    async def send(self, frame: Frame) -> None:
-        """Write one frame. Raises ``anyio.BrokenResourceError`` once the client has gone."""
+    async def send(self, frames: Sequence[Frame]) -> None:
+        """Write frames in order. Raises ``anyio.BrokenResourceError`` once the client has gone."""
 
     async def close(self, code: int, reason: str) -> None:
         """Close the socket; a socket that is already closed is left as it is."""
@@ -67,6 +74,7 @@ class Connection:
         settings: queue bounds, policy and timeouts.
         logger: bound to this connection's ``conn_id`` and ``peer``.
         topic: the topic a raw-mode socket is subscribed to; ``None`` for multiplexed mode.
+        fastlane: whether the socket writes frames through the fastlane; logged on opening.
     """
 
     def __init__(
@@ -76,12 +84,14 @@ class Connection:
         settings: Settings,
         logger: FilteringBoundLogger,
         topic: str | None = None,
+        fastlane: bool = False,
     ) -> None:
         self._socket = socket
         self._hub = hub
         self._send_timeout = settings.send_timeout
         self._log = logger
         self._topic = topic
+        self._fastlane = fastlane
         self._scope = anyio.CancelScope()
         self.outbox = Outbox(
             max_messages=settings.queue_max_messages,
@@ -97,7 +107,12 @@ class Connection:
     async def run(self) -> None:
         """Serve until the client leaves, lags, or the server stops; then close the socket."""
         started = time.monotonic()
-        self._log.info("connection_opened", mode=self._subscriber.mode.value, topic=self._topic)
+        self._log.info(
+            "connection_opened",
+            mode=self._subscriber.mode.value,
+            topic=self._topic,
+            fastlane=self._fastlane,
+        )
         closing: Closing | None = None
         try:
             with self._scope:
@@ -131,13 +146,13 @@ class Connection:
             )
 
     async def _read_loop(self, scope: anyio.CancelScope) -> None:
-        while (frame := await self._socket.receive()) is not None:
+        while (message := await self._socket.receive()) is not None:
             if self._topic is not None:
-                await self._hub.publish(self._topic, Payload(frame))
+                await self._hub.publish(self._topic, Payload(message))
                 continue
             await self.outbox.wait_control_room(CONTROL_BACKLOG)
             try:
-                command = parse_frame(frame)
+                command = parse_frame(message)
             except ProtocolError as error:
                 self.outbox.send_control_nowait(error_frame(error))
                 continue
@@ -154,9 +169,9 @@ class Connection:
     async def _send_loop(self, scope: anyio.CancelScope) -> None:
         try:
             while True:
-                frame = await self.outbox.receive()
+                frames = await self.outbox.receive_batch(BATCH_BYTES)
                 with anyio.fail_after(self._send_timeout):
-                    await self._socket.send(frame)
+                    await self._socket.send(frames)
         except TimeoutError:
             raise SlowConsumer(LagCause.SEND_TIMEOUT) from None
         except (anyio.BrokenResourceError, anyio.EndOfStream):

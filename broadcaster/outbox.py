@@ -2,7 +2,7 @@
 
 The hub offers frames with :meth:`Outbox.send_nowait`, which never blocks: when a frame does
 not fit, the overflow policy decides on the spot (see :mod:`broadcaster.policy`). The
-connection's sender is the only consumer, through :meth:`Outbox.receive`.
+connection's sender is the only consumer, through :meth:`Outbox.receive_batch`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from structlog.typing import FilteringBoundLogger
 
-Frame = str | bytes
+    from broadcaster.protocol import Frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +71,8 @@ class Outbox:
         self._log = logger
         self._on_fail = on_fail
         self._clock = clock
-        # Entries are (frame, size, is_control); control frames are outside both bounds.
-        self._queue: deque[tuple[Frame, int, bool]] = deque()
+        # Entries are (frame, is_control); control frames are outside both bounds.
+        self._queue: deque[tuple[Frame, bool]] = deque()
         self._messages = 0
         self._bytes = 0
         self._dropped = 0
@@ -82,15 +82,15 @@ class Outbox:
         self._error: Closing | None = None
         self._closed = False
 
-    def send_nowait(self, frame: Frame, size: int) -> None:
+    def send_nowait(self, frame: Frame) -> None:
         """Offer a data frame; the policy decides if it does not fit. Never blocks or raises.
 
         Args:
             frame: what the sender will write, encoded once for every subscriber.
-            size: the frame's size in bytes on the wire.
         """
         if self._closed:
             return
+        size = frame.size
         while True:
             room = self._messages < self.max_messages and self._bytes + size <= self.max_bytes
             if room:
@@ -121,12 +121,12 @@ class Outbox:
             cause = LagCause.LAG if action is Action.DISCONNECT_LAG else LagCause.QUEUE_FULL
             self.fail(SlowConsumer(cause))
             return
-        self._queue.append((frame, size, False))
+        self._queue.append((frame, False))
         self._messages += 1
         self._bytes += size
         self._wake()
 
-    def send_control_nowait(self, frame: str) -> None:
+    def send_control_nowait(self, frame: Frame) -> None:
         """Queue a control frame (``subscribed``, ``pong``, ``error``); the policy never drops it.
 
         Control frames are bounded by the reader instead: it waits in
@@ -134,7 +134,7 @@ class Outbox:
         """
         if self._closed:
             return
-        self._queue.append((frame, len(frame), True))
+        self._queue.append((frame, True))
         self._wake()
 
     async def wait_control_room(self, limit: int) -> None:
@@ -142,8 +142,8 @@ class Outbox:
         while not self._closed and len(self._queue) - self._messages >= limit:
             await self._wait()
 
-    async def receive(self) -> Frame:
-        """Take the oldest frame, waiting for one.
+    async def receive_batch(self, max_bytes: int) -> list[Frame]:
+        """Take the oldest frames, up to ``max_bytes`` of them but at least one, waiting for one.
 
         Raises:
             Closing: the outbox failed (a slow consumer, the hub stopping).
@@ -153,17 +153,23 @@ class Outbox:
             if self._closed:
                 raise self._error or anyio.EndOfStream
             await self._wait()
-        frame, size, control = self._queue.popleft()
-        if not control:
-            self._messages -= 1
-            self._bytes -= size
+        queue = self._queue
+        batch: list[Frame] = []
+        taken = 0
+        while queue and (not batch or taken + queue[0][0].size <= max_bytes):
+            frame, control = queue.popleft()
+            batch.append(frame)
+            taken += frame.size
+            if not control:
+                self._messages -= 1
+                self._bytes -= frame.size
         if self._messages == 0 and self._overflowing_since is not None:
             self._log.info("outbox_recovered", dropped=self._episode_drops)
             self._overflowing_since = None
             self._episode_drops = 0
         if self._waiter is not None:
             self._wake()
-        return frame
+        return batch
 
     def fail(self, error: Closing) -> None:
         """Close the outbox because of ``error``, release its frames and tell the connection."""
@@ -199,11 +205,11 @@ class Outbox:
         )
 
     def _evict_oldest(self) -> None:
-        for index, (_, size, control) in enumerate(self._queue):
+        for index, (frame, control) in enumerate(self._queue):
             if not control:
                 del self._queue[index]
                 self._messages -= 1
-                self._bytes -= size
+                self._bytes -= frame.size
                 self._dropped += 1
                 self._episode_drops += 1
                 return

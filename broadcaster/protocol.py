@@ -10,13 +10,57 @@ from __future__ import annotations
 import base64
 import json
 import re
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from broadcaster.errors import ProtocolError
 
 TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One server frame, encoded once and shared by every connection it is sent to.
+
+    Args:
+        data: the message, for servers that take messages (plain ASGI).
+        wire: the whole WebSocket frame as it goes on the wire, for the fastlane that writes
+            straight to the transport; its length is what outboxes count.
+    """
+
+    data: str | bytes
+    wire: bytes = field(repr=False)
+
+    @classmethod
+    def of(cls, data: str | bytes) -> Frame:
+        """Encode ``data`` as one unmasked, final, uncompressed text or binary frame."""
+        if isinstance(data, str):
+            return cls(data, _encode_frame(OPCODE_TEXT, data.encode()))
+        return cls(data, _encode_frame(OPCODE_BINARY, data))
+
+    @property
+    def size(self) -> int:
+        """Bytes the frame takes on the wire."""
+        return len(self.wire)
+
+
+OPCODE_TEXT = 0x1
+OPCODE_BINARY = 0x2
+_FIN = 0x80
+
+
+def _encode_frame(opcode: int, payload: bytes) -> bytes:
+    # RFC 6455 section 5.2; a server never masks.
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", _FIN | opcode, length)
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", _FIN | opcode, 126, length)
+    else:
+        header = struct.pack("!BBQ", _FIN | opcode, 127, length)
+    return header + payload
 
 
 class Mode(Enum):
@@ -39,7 +83,7 @@ class Payload:
     raw: str | bytes
     json: str | None = None
 
-    def envelope(self, topic: str, seq: int) -> str:
+    def envelope(self, topic: str, seq: int) -> Frame:
         """Encode the multiplexed-mode frame for this payload (once per publish)."""
         if self.json is not None:
             data = self.json
@@ -48,7 +92,7 @@ class Payload:
         else:
             data = '"' + base64.b64encode(self.raw).decode("ascii") + '","encoding":"base64"'
         # Topics are validated against TOPIC_PATTERN, so they need no JSON escaping.
-        return '{"topic":"' + topic + '","seq":' + str(seq) + ',"data":' + data + "}"
+        return Frame.of('{"topic":"' + topic + '","seq":' + str(seq) + ',"data":' + data + "}")
 
     @classmethod
     def from_data(cls, data: Any) -> Payload:
@@ -160,21 +204,14 @@ def parse_json_body(body: bytes) -> Payload:
     return payload_of(_loads(body))
 
 
-def control_frame(op: str, **fields: str) -> str:
+def control_frame(op: str, **fields: str) -> Frame:
     """Encode a server control frame such as ``{"op":"pong"}``."""
-    return _dumps({"op": op, **fields})
+    return Frame.of(_dumps({"op": op, **fields}))
 
 
-def error_frame(error: ProtocolError) -> str:
+def error_frame(error: ProtocolError) -> Frame:
     """Encode the frame that answers a bad client frame."""
     return control_frame("error", error=error.error, detail=error.detail)
-
-
-def frame_size(frame: str | bytes) -> int:
-    """Bytes ``frame`` takes on the wire, not counting the WebSocket header."""
-    if isinstance(frame, bytes) or frame.isascii():
-        return len(frame)
-    return len(frame.encode())
 
 
 def _loads(text: str | bytes) -> Any:

@@ -51,13 +51,24 @@ class LiveServer:
 
 
 @asynccontextmanager
-async def running_server(settings: Settings | None = None) -> AsyncIterator[LiveServer]:
-    """Serve a fresh app on a pre-bound 127.0.0.1 port; stop it on exit."""
+async def running_server(
+    settings: Settings | None = None, *, plain_asgi: bool = False
+) -> AsyncIterator[LiveServer]:
+    """Serve a fresh app on a pre-bound 127.0.0.1 port; stop it on exit.
+
+    Args:
+        settings: the server's settings.
+        plain_asgi: serve with uvicorn's stock wsproto protocol, which offers no fastlane,
+            as another ASGI server would.
+    """
     settings = settings or Settings(log_format="json")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn_config(app, settings))
+    config = uvicorn_config(app, settings)
+    if plain_asgi:
+        config.ws = "wsproto"
+    server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve, [sock])
         await wait_until(lambda: server.started)

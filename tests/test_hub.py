@@ -22,10 +22,10 @@ from broadcaster.errors import (
     ShuttingDown,
     SlowConsumer,
 )
-from broadcaster.hub import Hub, PendingReceipt, Subscriber
-from broadcaster.outbox import Frame, Outbox
+from broadcaster.hub import BURST, Hub, PendingReceipt, Subscriber
+from broadcaster.outbox import Outbox
 from broadcaster.policy import Overflow
-from broadcaster.protocol import Mode, Payload
+from broadcaster.protocol import Frame, Mode, Payload
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -99,9 +99,18 @@ async def join(hub: Hub, *topics: str, mode: Mode = Mode.MUX, **options: Any) ->
     return subscriber
 
 
-async def take(subscriber: Subscriber, count: int) -> list[Frame]:
-    """Receive ``count`` frames from the subscriber's outbox."""
-    return [await subscriber.outbox.receive() for _ in range(count)]
+async def take_frames(subscriber: Subscriber, count: int) -> list[Frame]:
+    """Receive ``count`` frames from the subscriber's outbox, one batch each."""
+    frames: list[Frame] = []
+    for _ in range(count):
+        # A batch limit below any frame's size takes exactly one frame.
+        frames += await subscriber.outbox.receive_batch(1)
+    return frames
+
+
+async def take(subscriber: Subscriber, count: int) -> list[str | bytes]:
+    """Receive ``count`` frames from the subscriber's outbox; return their messages."""
+    return [frame.data for frame in await take_frames(subscriber, count)]
 
 
 async def take_json(subscriber: Subscriber, count: int) -> list[Any]:
@@ -156,10 +165,14 @@ async def test_publish_fans_out_to_every_subscriber_of_the_topic() -> None:
         receipt = hub.publish_nowait("t", Payload(b"\x00\xff"))
         with anyio.fail_after(GUARD):
             assert (await receipt.wait()).subscribers == 3
-        assert await take(raw, 1) == [b"\x00\xff"]
+        assert await take_frames(raw, 1) == [Frame.of(b"\x00\xff")]
+        [frame_a] = await take_frames(mux_a, 1)
+        [frame_b] = await take_frames(mux_b, 1)
+        assert frame_a is frame_b  # the envelope is encoded once for every mux subscriber
         envelope: dict[str, Any] = {"topic": "t", "seq": 1, "data": "AP8=", "encoding": "base64"}
-        assert await take_json(mux_a, 1) == [envelope]
-        assert await take_json(mux_b, 1) == [envelope]
+        assert isinstance(frame_a.data, str)
+        assert json.loads(frame_a.data) == envelope
+        assert frame_a == Frame.of(frame_a.data)  # a text frame
         assert base64.b64decode(envelope["data"]) == b"\x00\xff"
         assert queued(bystander) == 0
 
@@ -316,8 +329,40 @@ async def test_leave_nowait_is_not_lost_when_the_mailbox_is_full() -> None:
         assert stats.subscribers == 0
         assert stats.mailbox_depth == 0
         assert subscriber.topics == set()
-        # The departure is taken at the latest right after the command that was next in line.
-        assert results[-1].subscribers == 0
+        # The departure is taken at the latest right after the burst of commands that was
+        # queued when it was made; here that burst is every publish in the mailbox.
+        assert len(results) <= BURST
+        assert [result.subscribers for result in results] == [1] * len(results)
+        assert (await hub.publish_nowait("t", Payload("after")).wait()).subscribers == 0
+
+
+async def test_a_departure_waits_for_at_most_one_burst() -> None:
+    """The hub takes up to BURST queued commands in one go, then a departure, then the rest."""
+    hub = make_hub(mailbox_size=2 * BURST)
+    async with running(hub):
+        subscriber = await join(hub, "t", mode=Mode.RAW, max_messages=4 * BURST)
+        await settle()
+        receipts = fill_mailbox(hub)
+        assert len(receipts) > 2 * BURST  # one taken by the waiting hub, the rest queued
+        hub.leave_nowait(subscriber)
+        results = [await receipt.wait() for receipt in receipts]
+        assert [result.subscribers for result in results] == [1] * BURST + [0] * (
+            len(results) - BURST
+        )
+        # The frames of the burst reached the outbox before it left; nothing after.
+        assert queued(subscriber) == BURST
+        assert hub.statistics().subscribers == 0
+
+
+async def test_raw_subscribers_get_the_published_frame_as_it_is() -> None:
+    """A raw subscriber gets one text or binary frame of the published message, unwrapped."""
+    hub = make_hub()
+    async with running(hub):
+        subscriber = await join(hub, "t", mode=Mode.RAW)
+        messages: list[str | bytes] = ["text", "\u2603" * 50, b"\x00bytes", b"x" * 70_000]
+        for message in messages:
+            await hub.publish("t", Payload(message))
+            assert await take_frames(subscriber, 1) == [Frame.of(message)]
 
 
 async def test_commands_of_a_departed_connection_are_ignored() -> None:
@@ -357,7 +402,7 @@ async def test_a_stalled_subscriber_is_cut_off_while_others_get_everything() -> 
         assert [frame["data"] for frame in received[1:]] == list(range(20))
         assert [frame["seq"] for frame in received[1:]] == list(range(1, 21))
         with pytest.raises(SlowConsumer):
-            await stalled.outbox.receive()
+            await stalled.outbox.receive_batch(1)
 
 
 async def test_cancelling_the_hub_fails_every_outbox_with_shutting_down() -> None:
@@ -384,7 +429,7 @@ async def test_cancelling_the_hub_fails_every_outbox_with_shutting_down() -> Non
         assert error.code == 1001
         assert subscriber.outbox.statistics().queued_messages == 0
         with pytest.raises(ShuttingDown):
-            await subscriber.outbox.receive()
+            await subscriber.outbox.receive_batch(1)
     stats = hub.statistics()
     assert not stats.running
     assert dict(stats.topics) == {}

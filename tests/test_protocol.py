@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import sys
 from typing import Any
 
 import pytest
+from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from broadcaster.errors import ProtocolError
 from broadcaster.protocol import (
     Command,
+    Frame,
     Payload,
     Ping,
     Publish,
@@ -19,7 +22,6 @@ from broadcaster.protocol import (
     Unsubscribe,
     control_frame,
     error_frame,
-    frame_size,
     parse_frame,
     validate_topic,
 )
@@ -40,6 +42,18 @@ INVALID_TOPICS: list[object] = [
     ["t"],
     {"t": 1},
 ]
+
+
+def wsproto_frame(payload: str | bytes) -> bytes:
+    """Return the frame wsproto's server side encodes for ``payload``: the reference."""
+    return bytes(FrameProtocol(client=False, extensions=[]).send_data(payload, fin=True))
+
+
+def text_of(frame: Frame) -> str:
+    """Return the message of a text frame, checking that it is one."""
+    assert isinstance(frame.data, str)
+    assert frame.wire == wsproto_frame(frame.data)
+    return frame.data
 
 
 def parse_error(frame: str | bytes) -> ProtocolError:
@@ -158,9 +172,10 @@ def test_surrogate_pairs_in_published_data_are_fine() -> None:
     command = parse_frame('{"op":"publish","topic":"t","data":"\\ud83d\\ude00"}')
     assert isinstance(command, Publish)
     assert command.payload.raw == "\U0001f600"
-    assert frame_size(command.payload.envelope("t", 1)) == len(
-        command.payload.envelope("t", 1).encode()
-    )
+    frame = command.payload.envelope("t", 1)
+    text = text_of(frame)
+    assert "\U0001f600" in text
+    assert frame.size == len(text.encode()) + 2
 
 
 @pytest.mark.parametrize("frame", ["[]", '[{"op":"ping"}]', "1", "1.5", '"ping"', "null", "true"])
@@ -237,7 +252,7 @@ def test_envelope_of_json_data_embeds_the_json() -> None:
     """A JSON payload's envelope carries the data as JSON with the topic and seq."""
     payload = Payload.from_data({"price": 1.5, "name": "caf\u00e9"})
     frame = payload.envelope("prices", 7)
-    assert json.loads(frame) == {
+    assert json.loads(text_of(frame)) == {
         "topic": "prices",
         "seq": 7,
         "data": {"price": 1.5, "name": "caf\u00e9"},
@@ -250,14 +265,14 @@ def test_envelope_of_json_data_embeds_the_json() -> None:
 def test_envelope_of_raw_text_is_a_json_string(text: str) -> None:
     """A raw text payload's envelope carries the text as a JSON string, escaped as needed."""
     frame = Payload(text).envelope("t", 1)
-    assert json.loads(frame) == {"topic": "t", "seq": 1, "data": text}
+    assert json.loads(text_of(frame)) == {"topic": "t", "seq": 1, "data": text}
 
 
 @pytest.mark.parametrize("raw", [b"", b"\x00\x01\xff", bytes(range(256)), b"{not json"])
 def test_envelope_of_raw_bytes_is_base64(raw: bytes) -> None:
     """A raw bytes payload's envelope is valid JSON carrying base64 data and its encoding."""
     frame = Payload(raw).envelope("bin", 3)
-    decoded = json.loads(frame)
+    decoded = json.loads(text_of(frame))
     assert decoded == {
         "topic": "bin",
         "seq": 3,
@@ -270,7 +285,8 @@ def test_envelope_of_raw_bytes_is_base64(raw: bytes) -> None:
 def test_envelope_ignores_raw_when_json_is_given() -> None:
     """When a payload has JSON, the envelope uses it rather than the raw frame."""
     payload = Payload(raw=b"ignored", json='{"a":1}')
-    assert json.loads(payload.envelope("t", 2)) == {"topic": "t", "seq": 2, "data": {"a": 1}}
+    frame = payload.envelope("t", 2)
+    assert json.loads(text_of(frame)) == {"topic": "t", "seq": 2, "data": {"a": 1}}
 
 
 def test_from_data_of_a_string_keeps_it_raw() -> None:
@@ -304,7 +320,7 @@ def test_from_data_rejects_non_json_floats(value: float) -> None:
 
 
 @pytest.mark.parametrize(
-    ("frame", "size"),
+    ("message", "size"),
     [
         ("", 0),
         ("hello", 5),
@@ -317,9 +333,68 @@ def test_from_data_rejects_non_json_floats(value: float) -> None:
     ],
     ids=["empty_str", "ascii", "latin", "bmp", "astral", "empty_bytes", "bytes", "utf8_bytes"],
 )
-def test_frame_size_counts_wire_bytes(frame: str | bytes, size: int) -> None:
-    """frame_size is the UTF-8 length of text and the length of bytes."""
-    assert frame_size(frame) == size
+def test_frame_size_counts_wire_bytes(message: str | bytes, size: int) -> None:
+    """A frame's size is its header plus the UTF-8 length of text or the length of bytes."""
+    frame = Frame.of(message)
+    assert frame.data == message
+    assert type(frame.data) is type(message)
+    assert frame.size == len(frame.wire) == 2 + size
+
+
+# Payload lengths around the three header forms: 7-bit, 16-bit and 64-bit lengths.
+BOUNDARIES = [(0, 2), (1, 2), (125, 2), (126, 4), (127, 4), (65535, 4), (65536, 10), (70_000, 10)]
+
+
+@pytest.mark.parametrize(("length", "header"), BOUNDARIES)
+@pytest.mark.parametrize("kind", [str, bytes], ids=["text", "binary"])
+def test_frame_of_encodes_like_wsproto(length: int, header: int, kind: type) -> None:
+    """Frame.of gives the bytes wsproto's server side sends, header form and all."""
+    message: str | bytes = "x" * length if kind is str else b"\xff" * length
+    frame = Frame.of(message)
+    assert frame.wire == wsproto_frame(message)
+    assert frame.size == header + length
+    assert frame.wire[header:] == (message.encode() if isinstance(message, str) else message)
+    opcode = Opcode.TEXT if kind is str else Opcode.BINARY
+    assert frame.wire[0] == 0x80 | opcode  # final, uncompressed
+    assert frame.wire[1] & 0x80 == 0  # a server never masks
+
+
+@pytest.mark.parametrize(
+    ("message", "header"),
+    [
+        ("\u00e9" * 62 + "x", 2),  # 63 characters, 125 bytes
+        ("\u00e9" * 63, 4),  # 63 characters, 126 bytes
+        ("\u2603" * 21845, 4),  # 21845 characters, 65535 bytes
+        ("\u00e9" * 32768, 10),  # 32768 characters, 65536 bytes
+    ],
+    ids=["125_bytes", "126_bytes", "65535_bytes", "65536_bytes"],
+)
+def test_frame_of_text_measures_its_length_in_utf8_bytes(message: str, header: int) -> None:
+    """A text frame's header form follows its UTF-8 length, not its length in characters."""
+    frame = Frame.of(message)
+    assert frame.wire == wsproto_frame(message)
+    assert frame.size == header + len(message.encode())
+
+
+@pytest.mark.parametrize(
+    "message", ["", "hello", "\u2603" * 100, "x" * 70_000, b"", b"\x00\xff", b"y" * 300]
+)
+def test_frame_of_decodes_back_to_its_message(message: str | bytes) -> None:
+    """A client reading the frame's wire bytes gets one final message equal to ``data``."""
+    client = FrameProtocol(client=True, extensions=[])
+    client.receive_bytes(Frame.of(message).wire)
+    [received] = list(client.received_frames())
+    assert received.opcode is (Opcode.TEXT if isinstance(message, str) else Opcode.BINARY)
+    assert received.payload == message
+    assert received.frame_finished
+    assert received.message_finished
+
+
+def test_frame_is_frozen() -> None:
+    """A frame is shared by every outbox it is sent to, so it cannot be changed."""
+    frame = Frame.of("shared")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        frame.data = "changed"  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
@@ -333,15 +408,15 @@ def test_frame_size_counts_wire_bytes(frame: str | bytes, size: int) -> None:
         ),
     ],
 )
-def test_control_frame_is_valid_json(frame: str, fields: dict[str, str]) -> None:
-    """control_frame encodes its op and fields as one JSON object."""
-    assert json.loads(frame) == fields
+def test_control_frame_is_valid_json(frame: Frame, fields: dict[str, str]) -> None:
+    """control_frame encodes its op and fields as one JSON object in a text frame."""
+    assert json.loads(text_of(frame)) == fields
 
 
 def test_error_frame_is_valid_json() -> None:
     """error_frame carries the error code and the detail of a ProtocolError."""
     error = ProtocolError("invalid_json", 'Expecting value: "quoted" \\ \u2603')
-    assert json.loads(error_frame(error)) == {
+    assert json.loads(text_of(error_frame(error))) == {
         "op": "error",
         "error": "invalid_json",
         "detail": 'Expecting value: "quoted" \\ \u2603',
