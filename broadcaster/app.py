@@ -49,6 +49,10 @@ class _StarletteSocket:
         text: str | None = message.get("text")
         return text if text is not None else message["bytes"]
 
+    def writable(self) -> bool:
+        # Plain ASGI says nothing about the transport: assume a send may wait.
+        return self._lane is not None and self._lane.writable()
+
     async def send(self, frames: Sequence[Frame]) -> None:
         if self._lane is not None:
             await self._lane.write(b"".join([frame.wire for frame in frames]))
@@ -68,6 +72,8 @@ class _StarletteSocket:
 
 
 class _Lane(Protocol):
+    def writable(self) -> bool: ...
+
     async def write(self, wire: bytes) -> None: ...
 
 

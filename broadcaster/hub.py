@@ -53,13 +53,19 @@ class Receipt:
 class PendingReceipt:
     """A :class:`Receipt` the hub fills in once it has fanned the publish out."""
 
+    __slots__ = ("_done", "_event", "_receipt")
+
     def __init__(self) -> None:
-        self._done = anyio.Event()
+        self._done = False
         self._receipt: Receipt | None = None
+        # Made only when somebody waits: most publishes are never asked about.
+        self._event: anyio.Event | None = None
 
     def _set(self, receipt: Receipt | None) -> None:
         self._receipt = receipt
-        self._done.set()
+        self._done = True
+        if self._event is not None:
+            self._event.set()
 
     async def wait(self) -> Receipt:
         """Wait for the hub to process the publish.
@@ -67,7 +73,9 @@ class PendingReceipt:
         Raises:
             HubStopped: the hub stopped before it got to this publish.
         """
-        await self._done.wait()
+        if not self._done:
+            self._event = anyio.Event()
+            await self._event.wait()
         if self._receipt is None:
             raise HubStopped
         return self._receipt
@@ -163,8 +171,7 @@ class Hub:
                         self._handle(inbox.receive_nowait())
                     except anyio.WouldBlock:
                         break
-                while self._departures:
-                    self._leave(self._departures.popleft())
+                self._take_departures()
         except anyio.get_cancelled_exc_class():
             error = ShuttingDown()
             raise
@@ -259,6 +266,7 @@ class Hub:
             self._publish(command)
             return
         if isinstance(command, _Wake):
+            self._take_departures()
             return
         subscriber = command.subscriber
         if subscriber not in self._subscribers:
@@ -267,6 +275,10 @@ class Hub:
             self._subscribe(subscriber, command.topic)
         else:
             self._unsubscribe(subscriber, command.topic)
+
+    def _take_departures(self) -> None:
+        while self._departures:
+            self._leave(self._departures.popleft())
 
     def _publish(self, command: _Publish) -> None:
         topic = self._topics.get(command.topic)
@@ -296,12 +308,12 @@ class Hub:
         topic.members(subscriber.mode).add(subscriber.outbox)
         subscriber.topics.add(name)
         if subscriber.mode is Mode.MUX:
-            subscriber.outbox.send_control_nowait(control_frame("subscribed", topic=name))
+            subscriber.outbox.send_nowait(control_frame("subscribed", topic=name))
 
     def _unsubscribe(self, subscriber: Subscriber, name: str) -> None:
         self._remove(subscriber, name)
         if subscriber.mode is Mode.MUX:
-            subscriber.outbox.send_control_nowait(control_frame("unsubscribed", topic=name))
+            subscriber.outbox.send_nowait(control_frame("unsubscribed", topic=name))
 
     def _leave(self, subscriber: Subscriber) -> None:
         for name in list(subscriber.topics):

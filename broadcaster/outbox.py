@@ -71,8 +71,8 @@ class Outbox:
         self._log = logger
         self._on_fail = on_fail
         self._clock = clock
-        # Entries are (frame, is_control); control frames are outside both bounds.
-        self._queue: deque[tuple[Frame, bool]] = deque()
+        # Control frames are queued in order with the rest but count against neither bound.
+        self._queue: deque[Frame] = deque()
         self._messages = 0
         self._bytes = 0
         self._dropped = 0
@@ -83,12 +83,20 @@ class Outbox:
         self._closed = False
 
     def send_nowait(self, frame: Frame) -> None:
-        """Offer a data frame; the policy decides if it does not fit. Never blocks or raises.
+        """Offer a frame; the policy decides if it does not fit. Never blocks or raises.
+
+        Control frames (``subscribed``, ``pong``, ``error``) are queued in order but outside
+        both bounds, and the policy never drops them; the reader bounds them instead, by
+        waiting in :meth:`wait_control_room` before each command it passes on.
 
         Args:
             frame: what the sender will write, encoded once for every subscriber.
         """
         if self._closed:
+            return
+        if frame.control:
+            self._queue.append(frame)
+            self._wake()
             return
         size = frame.size
         while True:
@@ -121,20 +129,9 @@ class Outbox:
             cause = LagCause.LAG if action is Action.DISCONNECT_LAG else LagCause.QUEUE_FULL
             self.fail(SlowConsumer(cause))
             return
-        self._queue.append((frame, False))
+        self._queue.append(frame)
         self._messages += 1
         self._bytes += size
-        self._wake()
-
-    def send_control_nowait(self, frame: Frame) -> None:
-        """Queue a control frame (``subscribed``, ``pong``, ``error``); the policy never drops it.
-
-        Control frames are bounded by the reader instead: it waits in
-        :meth:`wait_control_room` before each command it sends on.
-        """
-        if self._closed:
-            return
-        self._queue.append((frame, True))
         self._wake()
 
     async def wait_control_room(self, limit: int) -> None:
@@ -156,11 +153,11 @@ class Outbox:
         queue = self._queue
         batch: list[Frame] = []
         taken = 0
-        while queue and (not batch or taken + queue[0][0].size <= max_bytes):
-            frame, control = queue.popleft()
+        while queue and (not batch or taken + queue[0].size <= max_bytes):
+            frame = queue.popleft()
             batch.append(frame)
             taken += frame.size
-            if not control:
+            if not frame.control:
                 self._messages -= 1
                 self._bytes -= frame.size
         if self._messages == 0 and self._overflowing_since is not None:
@@ -205,8 +202,8 @@ class Outbox:
         )
 
     def _evict_oldest(self) -> None:
-        for index, (frame, control) in enumerate(self._queue):
-            if not control:
+        for index, frame in enumerate(self._queue):
+            if not frame.control:
                 del self._queue[index]
                 self._messages -= 1
                 self._bytes -= frame.size

@@ -28,17 +28,20 @@ class Frame:
         data: the message, for servers that take messages (plain ASGI).
         wire: the whole WebSocket frame as it goes on the wire, for the fastlane that writes
             straight to the transport; its length is what outboxes count.
+        control: a control frame (``subscribed``, ``pong``, ``error``...), which the overflow
+            policy never drops.
     """
 
     data: str | bytes
     wire: bytes = field(repr=False)
+    control: bool = False
 
     @classmethod
-    def of(cls, data: str | bytes) -> Frame:
+    def of(cls, data: str | bytes, *, control: bool = False) -> Frame:
         """Encode ``data`` as one unmasked, final, uncompressed text or binary frame."""
         if isinstance(data, str):
-            return cls(data, _encode_frame(OPCODE_TEXT, data.encode()))
-        return cls(data, _encode_frame(OPCODE_BINARY, data))
+            return cls(data, _encode_frame(OPCODE_TEXT, data.encode()), control)
+        return cls(data, _encode_frame(OPCODE_BINARY, data), control)
 
     @property
     def size(self) -> int:
@@ -206,7 +209,7 @@ def parse_json_body(body: bytes) -> Payload:
 
 def control_frame(op: str, **fields: str) -> Frame:
     """Encode a server control frame such as ``{"op":"pong"}``."""
-    return Frame.of(_dumps({"op": op, **fields}))
+    return Frame.of(_dumps({"op": op, **fields}), control=True)
 
 
 def error_frame(error: ProtocolError) -> Frame:

@@ -61,6 +61,10 @@ class FastLane:
     def __init__(self, protocol: WSProtocol) -> None:
         self._protocol = protocol
 
+    def writable(self) -> bool:
+        """Whether the transport takes more without waiting."""
+        return self._protocol.writable.is_set()
+
     async def write(self, wire: bytes) -> None:
         """Write whole frames once the transport takes more.
 

@@ -87,7 +87,7 @@ def send(outbox: Outbox, *messages: Message) -> None:
 
 def control(outbox: Outbox, message: str) -> None:
     """Queue a control frame of ``message``."""
-    outbox.send_control_nowait(Frame.of(message))
+    outbox.send_nowait(Frame.of(message, control=True))
 
 
 def contents(frames: list[Frame]) -> list[Message]:
