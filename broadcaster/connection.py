@@ -31,7 +31,6 @@ from broadcaster.protocol import (
     Ping,
     Publish,
     Subscribe,
-    control_frame,
     error_frame,
     parse_frame,
 )
@@ -161,7 +160,7 @@ class Connection:
                 self.outbox.send_nowait(error_frame(error))
                 continue
             if isinstance(command, Ping):
-                self.outbox.send_nowait(control_frame("pong"))
+                await self._hub.ping(self._subscriber)
             elif isinstance(command, Publish):
                 await self._publish(command.topic, command.payload)
             elif isinstance(command, Subscribe):

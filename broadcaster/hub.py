@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 # Commands the hub takes in one go before it lets other tasks run.
 BURST = 128
+PONG = control_frame("pong")
 
 
 @dataclass(eq=False, slots=True)
@@ -122,11 +123,16 @@ class _Publish:
 
 
 @dataclass(frozen=True, slots=True)
+class _Ping:
+    subscriber: Subscriber
+
+
+@dataclass(frozen=True, slots=True)
 class _Wake:
     """Wakes an idle hub so that it takes a departure."""
 
 
-_Command = _Subscribe | _Unsubscribe | _Publish | _Wake
+_Command = _Subscribe | _Unsubscribe | _Publish | _Ping | _Wake
 _WAKE = _Wake()
 
 
@@ -217,6 +223,10 @@ class Hub:
         """Ask the hub to unsubscribe ``subscriber`` from ``topic``."""
         await self._send(_Unsubscribe(subscriber, topic))
 
+    async def ping(self, subscriber: Subscriber) -> None:
+        """Ask for a ``pong``, queued once every command sent before it has taken effect."""
+        await self._send(_Ping(subscriber))
+
     async def publish(self, topic: str, payload: Payload) -> None:
         """Publish to ``topic``, waiting for mailbox room (pushes back on the publisher)."""
         await self._send(_Publish(topic, payload, None))
@@ -273,6 +283,8 @@ class Hub:
             return  # it left while the command was queued
         if isinstance(command, _Subscribe):
             self._subscribe(subscriber, command.topic)
+        elif isinstance(command, _Ping):
+            subscriber.outbox.send_nowait(PONG)
         else:
             self._unsubscribe(subscriber, command.topic)
 
