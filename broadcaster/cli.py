@@ -1,19 +1,26 @@
-"""The ``broadcaster`` command: ``broadcaster serve``.
+"""The ``broadcaster`` command: ``broadcaster serve`` and ``broadcaster stress``.
 
 Settings come from ``BROADCASTER_*`` variables, with ``--host`` and ``--port`` on top. A bad
-value stops the process with status 2 before any port is bound.
+value stops the process with status 2 before any port is bound. ``stress`` needs the
+``stress`` extra, imported only when it runs.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
+from enum import StrEnum
 from functools import partial
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
 
 from broadcaster.app import create_app
 from broadcaster.log import configure_logging
+from broadcaster.protocol import Mode
 from broadcaster.server import run
 from broadcaster.settings import Settings, describe_errors
 
@@ -61,6 +68,186 @@ def serve(
         )
         raise typer.Exit(2) from None
     raise typer.Exit(status)
+
+
+class Publisher(StrEnum):
+    """How ``broadcaster stress`` publishes."""
+
+    WS = "ws"
+    HTTP = "http"
+
+
+# The stress extra's modules: a missing one is a missing extra, not a bug.
+STRESS_EXTRA = frozenset({"picows", "psutil", "rich", "matplotlib"})
+# Columns of the report when the output is not a terminal.
+REPORT_WIDTH = 150
+
+
+@cli.command()
+def stress(
+    url: Annotated[
+        str | None, typer.Option(help="Drive the running server at ws://HOST:PORT.")
+    ] = None,
+    spawn: Annotated[
+        bool, typer.Option("--spawn", help="Start a server for the run and measure it.")
+    ] = False,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(metavar="KEY=VALUE", help="A BROADCASTER_* setting for --spawn (repeatable)."),
+    ] = None,
+    mode: Annotated[Mode, typer.Option(help="Receivers on /ws/{topic} or on /ws.")] = Mode.MUX,
+    publisher: Annotated[
+        Publisher, typer.Option(help="Publish over WebSocket (in --mode) or HTTP POST.")
+    ] = Publisher.WS,
+    fast: Annotated[int, typer.Option(help="Clients that read everything.")] = 10,
+    slow: Annotated[int, typer.Option(help="Clients that read --slow-rate msg/s.")] = 0,
+    stalled: Annotated[int, typer.Option(help="Clients that subscribe, then stop reading.")] = 0,
+    churn: Annotated[int, typer.Option(help="Clients that come and go abruptly.")] = 0,
+    slow_rate: Annotated[float, typer.Option(help="Messages a second a slow client reads.")] = 50,
+    stall_for: Annotated[
+        float | None,
+        typer.Option(help="Seconds stalled clients stay stalled (default: until publishing ends)."),
+    ] = None,
+    churn_stay: Annotated[
+        float, typer.Option(help="Longest a churn session lasts, in seconds.")
+    ] = 0.5,
+    rate: Annotated[
+        float, typer.Option(help="Messages a second over all topics; 0 is flat out.")
+    ] = 100,
+    size: Annotated[int, typer.Option(help="Bytes of each message's data.")] = 256,
+    topics: Annotated[int, typer.Option(help="Topics; clients are spread over them.")] = 1,
+    duration: Annotated[float, typer.Option(help="Seconds of publishing.")] = 10,
+    drain: Annotated[
+        float, typer.Option(help="Seconds after publishing for clients to catch up.")
+    ] = 5,
+    procs: Annotated[int, typer.Option(help="Processes for the receiving clients.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    receive_buffer: Annotated[
+        int, typer.Option(help="SO_RCVBUF of slow and stalled clients, in bytes.")
+    ] = 8192,
+    json_out: Annotated[
+        str | None,
+        typer.Option(
+            "--json", metavar="FILE", help="Write the full report as JSON to FILE (- for stdout)."
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(metavar="FILE.png", help="Draw the run into a PNG file.")
+    ] = None,
+    max_p99_ms: Annotated[
+        float | None, typer.Option(help="Fail if fast clients' p99 latency is higher.")
+    ] = None,
+    min_fast_delivery: Annotated[
+        float | None,
+        typer.Option(help="Fail if any fast client got a smaller fraction (0 to 1)."),
+    ] = None,
+    max_rss_mib: Annotated[
+        float | None, typer.Option(help="Fail if the spawned server's peak RSS is higher.")
+    ] = None,
+    require_stalled_closed: Annotated[
+        bool,
+        typer.Option("--require-stalled-closed", help="Fail unless every stalled client got 1013."),
+    ] = False,
+    max_server_errors: Annotated[
+        int | None,
+        typer.Option(help="Fail if the spawned server logs more lines at error level."),
+    ] = None,
+) -> None:
+    """Load a server with fake clients and report what they saw.
+
+    Exit status 0: every threshold met; 1: one missed; 2: bad arguments or a failed run.
+    """
+    if spawn == (url is not None):
+        _stress_usage("give either --url or --spawn")
+    server_env = {}
+    for item in env or []:
+        key, equals, value = item.partition("=")
+        if not equals:
+            _stress_usage(f"--env takes KEY=VALUE, not {item!r}")
+        server_env[key] = value
+    try:
+        from rich.console import Console
+
+        from broadcaster import stress as tool
+        from broadcaster.stress.render import ProgressView, print_report
+
+        if plot is not None:
+            from broadcaster.stress.plot import plot as draw
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] not in STRESS_EXTRA:
+            raise
+        _stress_usage(f"{error.name} is not installed; install broadcaster[stress]")
+    if publisher is Publisher.HTTP and importlib.util.find_spec("httpx") is None:
+        _stress_usage("--publisher http needs httpx; install it with pip install httpx")
+    scenario = tool.Scenario(
+        url=url,
+        server_env=server_env,
+        mode=mode,
+        via=tool.Via(publisher.value),
+        fast=fast,
+        slow=slow,
+        stalled=stalled,
+        churn=churn,
+        slow_rate=slow_rate,
+        stall_for=stall_for,
+        churn_stay=churn_stay,
+        rate=rate,
+        size=size,
+        topics=topics,
+        duration=duration,
+        drain=drain,
+        procs=procs,
+        seed=seed,
+        receive_buffer=receive_buffer,
+    )
+    thresholds = tool.Thresholds(
+        max_p99_ms=max_p99_ms,
+        min_fast_delivery=min_fast_delivery,
+        max_rss_mib=max_rss_mib,
+        require_stalled_closed=require_stalled_closed,
+        max_server_errors=max_server_errors,
+    )
+    problems = scenario.problems() + thresholds.problems(scenario)
+    for problem in problems:
+        typer.echo(f"broadcaster stress: {problem}", err=True)
+    if problems:
+        raise typer.Exit(2)
+    # With the JSON report on stdout, everything meant for people goes to stderr.
+    console = Console(stderr=json_out == "-", highlight=False)
+    if not console.is_terminal:
+        # Logs and files have no width of their own; keep the report's table readable.
+        console.width = REPORT_WIDTH
+    try:
+        with ProgressView(console, live=console.is_terminal) as view:
+            report = tool.run_scenario(scenario, view)
+    except tool.StressError as error:
+        typer.echo(f"broadcaster stress: {error}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        # The run has stopped its workers and its server on the way out.
+        typer.echo("broadcaster stress: interrupted", err=True)
+        raise typer.Exit(130) from None
+    violations = thresholds.violations(report)
+    print_report(report, violations, console)
+    if json_out is not None:
+        text = json.dumps(report.to_json(), indent=2)
+        if json_out == "-":
+            sys.stdout.write(text + "\n")
+        else:
+            Path(json_out).write_text(text + "\n")
+    if plot is not None:
+        draw(report, plot)
+    raise typer.Exit(1 if violations else 0)
+
+
+def _stress_usage(message: str) -> NoReturn:
+    """Stop ``broadcaster stress`` with status 2 after saying what is wrong.
+
+    Raises:
+        typer.Exit: always.
+    """
+    typer.echo(f"broadcaster stress: {message}", err=True)
+    raise typer.Exit(2)
 
 
 def main() -> None:

@@ -1,0 +1,438 @@
+"""A stress run: its settings, and the parent process that drives the workers through it.
+
+The parent starts the server (with ``spawn``), one process per ``procs`` for the receivers and
+one for the publisher (``multiprocessing`` with the spawn context, each on its own asyncio
+loop), and steps them through the phases: connect, publish for ``duration``, drain, report.
+It waits on the workers' pipes, and between messages samples the server and the workers and
+reports progress. Every phase has a deadline; a worker that dies or fails ends the run with
+:class:`StressError`.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import secrets
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING
+
+from broadcaster.protocol import Mode
+from broadcaster.stress.clients import Kind
+from broadcaster.stress.messages import (
+    ClientSpec,
+    Failed,
+    Finish,
+    KindProgress,
+    Progress,
+    Published,
+    Ready,
+    Results,
+    Snapshot,
+    Start,
+    Started,
+    WorkerPlan,
+)
+from broadcaster.stress.publisher import PublisherPlan, PublisherResult, Via
+from broadcaster.stress.registry import leftover, wait_listed
+from broadcaster.stress.report import Outcome, Report, summarise
+from broadcaster.stress.spawned import Sample, Sampler, ServerFailed, SpawnedServer
+from broadcaster.stress.worker import main, raise_file_limit
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from multiprocessing.process import BaseProcess
+
+# Seconds between two samples of the server and the workers, and progress reports.
+TICK_SECONDS = 0.25
+# Time bins for "delivered over time": about this many over the run, none under 0.25 s.
+BINS = 100
+# Deadlines: the spawned server's start, each connecting worker (plus a second per 50
+# clients), the extra beyond duration and drain for the later phases, the server's stop.
+STARTUP_SECONDS = 30.0
+CONNECT_SECONDS = 30.0
+PHASE_SLACK_SECONDS = 30.0
+STOP_SECONDS = 30.0
+# How long to wait for the server to drop this run's topics after every client has left.
+LEFTOVER_SECONDS = 5.0
+# A message's data holds its counter and a 19-digit timestamp.
+MIN_SIZE = 32
+
+
+class StressError(Exception):
+    """The run could not be carried out: the server did not start, a worker failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """Who connects, what is published, for how long, against which server.
+
+    Args:
+        url: ``ws://host:port`` of a running server; ``None`` spawns one.
+        server_env: ``BROADCASTER_*`` variables for a spawned server.
+        mode: receivers on raw ``/ws/{topic}`` or multiplexed ``/ws``.
+        via: the publisher's WebSocket (in ``mode``) or ``POST /publish/{topic}``.
+        fast, slow, stalled, churn: clients of each kind, spread over the topics in turn.
+        slow_rate: messages a second a slow client reads.
+        stall_for: seconds stalled clients stay stalled; ``None`` until publishing ends.
+        churn_stay: the longest a churn session lasts.
+        rate: messages a second over all topics; 0 publishes flat out.
+        size: bytes of each message's data.
+        topics: how many topics.
+        duration: seconds of publishing.
+        drain: seconds, after publishing, for clients to collect what is still coming.
+        procs: processes for the receivers (the publisher has one more).
+        seed: seeds every random choice (churn stays).
+        receive_buffer: ``SO_RCVBUF`` of slow and stalled clients.
+        connect_timeout: seconds one connection and subscription may take.
+    """
+
+    url: str | None = None
+    server_env: Mapping[str, str] = field(default_factory=dict)
+    mode: Mode = Mode.MUX
+    via: Via = Via.WS
+    fast: int = 10
+    slow: int = 0
+    stalled: int = 0
+    churn: int = 0
+    slow_rate: float = 50.0
+    stall_for: float | None = None
+    churn_stay: float = 0.5
+    rate: float = 100.0
+    size: int = 256
+    topics: int = 1
+    duration: float = 10.0
+    drain: float = 5.0
+    procs: int = 1
+    seed: int = 0
+    receive_buffer: int = 8192
+    connect_timeout: float = 10.0
+
+    def counts(self) -> dict[Kind, int]:
+        """Clients of each kind."""
+        return {
+            Kind.FAST: self.fast,
+            Kind.SLOW: self.slow,
+            Kind.STALLED: self.stalled,
+            Kind.CHURN: self.churn,
+        }
+
+    def problems(self) -> list[str]:
+        """Say what is wrong with these settings; an empty list when nothing is."""
+        problems = [f"--{kind} must be 0 or more" for kind, n in self.counts().items() if n < 0]
+        if sum(self.counts().values()) <= 0:
+            problems.append("at least one client is needed (--fast, --slow, --stalled, --churn)")
+        if self.url is not None and not self.url.startswith(("ws://", "wss://")):
+            problems.append(f"--url must start with ws:// or wss://, not {self.url!r}")
+        if self.url is not None and self.server_env:
+            problems.append("--env applies to a spawned server only (--spawn)")
+        problems += [
+            f"--env {key}: only BROADCASTER_* variables are passed"
+            for key in self.server_env
+            if not key.startswith("BROADCASTER_")
+        ]
+        checks = [
+            (self.size >= MIN_SIZE, f"--size must be at least {MIN_SIZE}"),
+            (self.rate >= 0, "--rate must be 0 (flat out) or more"),
+            (1 <= self.topics <= 10_000, "--topics must be from 1 to 10000"),
+            (self.duration > 0, "--duration must be more than 0"),
+            (self.drain >= 0, "--drain must be 0 or more"),
+            (self.procs >= 1, "--procs must be 1 or more"),
+            (self.slow_rate > 0, "--slow-rate must be more than 0"),
+            (self.stall_for is None or self.stall_for >= 0, "--stall-for must be 0 or more"),
+            (self.churn_stay > 0, "--churn-stay must be more than 0"),
+            (self.receive_buffer >= 1024, "--receive-buffer must be at least 1024"),
+            (self.connect_timeout > 0, "--connect-timeout must be more than 0"),
+        ]
+        return problems + [message for ok, message in checks if not ok]
+
+
+@dataclass(slots=True)
+class _Handle:
+    """The parent's side of one worker process."""
+
+    plan: WorkerPlan
+    process: BaseProcess
+    pipe: Connection
+    sampler: Sampler
+    ready: Ready | None = None
+    started: bool = False
+    done: bool = False
+    closed: bool = False
+
+
+def run_scenario(
+    scenario: Scenario, on_progress: Callable[[Snapshot], None] | None = None
+) -> Report:
+    """Run ``scenario`` to the end and return its report.
+
+    Args:
+        scenario: the run.
+        on_progress: called about four times a second with a :class:`Snapshot`.
+
+    Raises:
+        ValueError: the scenario has :meth:`Scenario.problems`.
+        StressError: the server did not start, a worker failed, or a phase overran.
+    """
+    problems = scenario.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    raise_file_limit(sum(scenario.counts().values()) + scenario.topics)
+    if scenario.url is not None:
+        runner = _Runner(scenario, scenario.url.rstrip("/"), None, on_progress)
+        runner.run()
+        return summarise(runner.outcome())
+    server = SpawnedServer(scenario.server_env)
+    try:
+        runner = _Runner(scenario, server.start(STARTUP_SECONDS), server, on_progress)
+        runner.run()
+    except ServerFailed as error:
+        raise StressError(str(error)) from None
+    finally:
+        server.stop(STOP_SECONDS)
+    return summarise(runner.outcome())
+
+
+class _Runner:
+    """Drives the workers of one run through its phases."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        base_url: str,
+        server: SpawnedServer | None,
+        on_progress: Callable[[Snapshot], None] | None,
+    ) -> None:
+        self.scenario = scenario
+        self.base_url = base_url
+        self.server = server
+        self.on_progress = on_progress
+        # Unique per run, not drawn from the seed: a topic that an earlier run left on a
+        # shared server would start at a seq other than 1.
+        run_id = secrets.token_hex(3)
+        self.topics = tuple(f"stress-{run_id}-{i}" for i in range(scenario.topics))
+        self.bin_seconds = max(0.25, scenario.duration / BINS)
+        self.phase = "connecting"
+        self.t0 = 0.0
+        self.publish_end = 0.0
+        self.progress: dict[int, Progress] = {}
+        self.published: PublisherResult | None = None
+        self.results: list[Results] = []
+        self.leftover: int | None = None
+        self.last_sample: Sample | None = None
+        self.next_tick = 0.0
+        self.handles: list[_Handle] = []
+
+    def run(self) -> None:
+        """Start the workers and step them through the run; stop them whatever happens."""
+        context = multiprocessing.get_context("spawn")
+        try:
+            for plan in self._plans():
+                parent, child = context.Pipe()
+                process = context.Process(target=main, args=(plan, child), daemon=True)
+                process.start()
+                child.close()
+                assert process.pid is not None  # set by start()
+                self.handles.append(_Handle(plan, process, parent, Sampler(process.pid)))
+            self._steps()
+        finally:
+            for handle in self.handles:
+                handle.process.join(CONNECT_SECONDS if handle.done else 0)
+                if handle.process.is_alive():
+                    handle.process.kill()
+                    handle.process.join()
+                handle.pipe.close()
+
+    def outcome(self) -> Outcome:
+        """What the run measured."""
+        assert self.published is not None
+        server = self.server
+        return Outcome(
+            scenario=self.scenario,
+            base_url=self.base_url,
+            topics=self.topics,
+            publisher=self.published,
+            clients=[client for results in self.results for client in results.clients],
+            totals=[results.totals for results in self.results],
+            bin_seconds=self.bin_seconds,
+            t0=self.t0,
+            publish_end=self.publish_end,
+            samples=list(server.sampler.samples) if server and server.sampler else [],
+            receiver_samples=[h.sampler.samples for h in self.handles if not h.plan.publisher],
+            publisher_samples=next(h.sampler.samples for h in self.handles if h.plan.publisher),
+            server_pid=server.pid if server else None,
+            exit_status=server.exit_status if server else None,
+            error_count=server.error_count if server else 0,
+            errors=list(server.errors) if server else [],
+            leftover=self.leftover,
+        )
+
+    def _steps(self) -> None:
+        scenario = self.scenario
+        receivers = [h for h in self.handles if h.plan.publisher is None]
+        clients = sum(scenario.counts().values())
+        self._pump(
+            lambda: all(h.ready for h in self.handles),
+            CONNECT_SECONDS + clients / 50,
+            "while clients connected",
+        )
+        if scenario.mode is Mode.RAW and not self._wait_subscribed():
+            raise StressError("the server did not list every raw connection in /topics")
+        self._tick()
+        bin_count = math.ceil(scenario.duration / self.bin_seconds) + 1
+        start = Start(time.time_ns(), int(self.bin_seconds * 1e9), bin_count)
+        # Receivers first: a message that reached a receiver before it started counting
+        # would be counted in no time bin.
+        for handle in receivers:
+            handle.pipe.send(start)
+        self._pump(
+            lambda: all(h.started for h in receivers), CONNECT_SECONDS, "while receivers started"
+        )
+        self.t0 = time.monotonic()
+        self.phase = "publishing"
+        for handle in self.handles:
+            if handle.plan.publisher is not None:
+                handle.pipe.send(start)
+        self._pump(
+            lambda: self.published is not None,
+            scenario.duration + PHASE_SLACK_SECONDS,
+            "while publishing",
+        )
+        assert self.published is not None
+        self.publish_end = time.monotonic()
+        self.phase = "draining"
+        for handle in receivers:
+            handle.pipe.send(Finish(self.published.published))
+        self._pump(
+            lambda: all(h.done for h in self.handles),
+            scenario.drain + PHASE_SLACK_SECONDS,
+            "while clients drained",
+        )
+        self.leftover = leftover(self.base_url, self.topics, LEFTOVER_SECONDS)
+
+    def _plans(self) -> list[WorkerPlan]:
+        scenario, topics = self.scenario, self.topics
+        specs = [
+            ClientSpec(kind, topics[i % len(topics)])
+            for kind, count in scenario.counts().items()
+            for i in range(count)
+        ]
+        shares = [tuple(specs[i :: scenario.procs]) for i in range(scenario.procs)]
+        publisher = PublisherPlan(
+            base_url=self.base_url,
+            mode=scenario.mode,
+            via=scenario.via,
+            topics=topics,
+            size=scenario.size,
+            rate=scenario.rate,
+            duration=scenario.duration,
+            connect_timeout=scenario.connect_timeout,
+        )
+        groups: list[tuple[tuple[ClientSpec, ...], PublisherPlan | None]] = [
+            (share, None) for share in shares if share
+        ]
+        groups.append(((), publisher))
+        return [
+            WorkerPlan(
+                index=index,
+                base_url=self.base_url,
+                mode=scenario.mode,
+                clients=share,
+                publisher=plan,
+                seed=scenario.seed,
+                duration=scenario.duration,
+                drain=scenario.drain,
+                slow_rate=scenario.slow_rate,
+                stall_for=scenario.stall_for,
+                churn_stay=scenario.churn_stay,
+                receive_buffer=scenario.receive_buffer,
+                connect_timeout=scenario.connect_timeout,
+                progress_seconds=TICK_SECONDS,
+            )
+            for index, (share, plan) in enumerate(groups)
+        ]
+
+    def _pump(self, until: Callable[[], bool], timeout: float, what: str) -> None:
+        """Handle the workers' messages until ``until()`` holds, ticking in between.
+
+        Raises:
+            StressError: a worker failed or exited early, or ``timeout`` seconds passed.
+        """
+        deadline = time.monotonic() + timeout
+        while not until():
+            now = time.monotonic()
+            if now >= deadline:
+                raise StressError(f"timed out after {timeout:.0f} s {what}")
+            if now >= self.next_tick:
+                self._tick()
+            open_pipes = {h.pipe: h for h in self.handles if not h.closed}
+            if not open_pipes:
+                raise StressError(f"every worker has exited {what}")
+            for pipe in wait(list(open_pipes), min(deadline, self.next_tick) - now):
+                assert isinstance(pipe, Connection)
+                self._read(open_pipes[pipe])
+
+    def _read(self, handle: _Handle) -> None:
+        try:
+            message = handle.pipe.recv()
+        except EOFError:
+            message = None
+            handle.closed = True
+        if message is None and not handle.done:
+            handle.process.join(CONNECT_SECONDS)
+            status = handle.process.exitcode
+            raise StressError(f"worker {handle.plan.index} exited with status {status}")
+        if isinstance(message, Failed):
+            raise StressError(f"worker {message.worker} failed:\n{message.error}")
+        if isinstance(message, Ready):
+            handle.ready = message
+        elif isinstance(message, Started):
+            handle.started = True
+        elif isinstance(message, Progress):
+            self.progress[message.worker] = message
+        elif isinstance(message, Published):
+            self.published = message.result
+            handle.done = True
+        elif isinstance(message, Results):
+            self.results.append(message)
+            handle.done = True
+
+    def _tick(self) -> None:
+        self.next_tick = time.monotonic() + TICK_SECONDS
+        for handle in self.handles:
+            handle.sampler.sample()
+        if self.server is not None and self.server.sampler is not None:
+            self.last_sample = self.server.sampler.sample() or self.last_sample
+        if self.on_progress is None:
+            return
+        kinds: dict[Kind, KindProgress] = {}
+        for progress in self.progress.values():
+            for kind, part in progress.kinds.items():
+                old = kinds.get(kind, KindProgress())
+                kinds[kind] = KindProgress(
+                    old.connected + part.connected,
+                    old.received + part.received,
+                    old.closed + part.closed,
+                    old.sessions + part.sessions,
+                )
+        self.on_progress(
+            Snapshot(
+                phase=self.phase,
+                elapsed=time.monotonic() - self.t0 if self.t0 else 0.0,
+                duration=self.scenario.duration,
+                published=sum(p.published for p in self.progress.values()),
+                kinds=kinds,
+                clients=self.scenario.counts(),
+                server=self.last_sample,
+            )
+        )
+
+    def _wait_subscribed(self) -> bool:
+        """Wait until the server lists every raw connection; a raw socket has no ack."""
+        wanted: dict[str, int] = {}
+        for handle in self.handles:
+            assert handle.ready is not None
+            for topic, count in handle.ready.subscribed.items():
+                wanted[topic] = wanted.get(topic, 0) + count
+        return wait_listed(self.base_url, wanted, CONNECT_SECONDS)
