@@ -5,7 +5,7 @@ stalled peer to drain before it writes a close frame, it closes with 1012 on shu
 drops a connection whose frame wsproto cannot parse without saying why. :class:`WSProtocol`
 closes at once instead: the close frame goes behind whatever is buffered, so a laggard that
 reads again learns why it was cut off, and a peer that never reads is aborted after
-``close_timeout`` rather than holding its buffer until TCP gives up. Shutdown says 1001, and
+``BROADCASTER_CLOSE_TIMEOUT`` rather than holding its buffer until TCP gives up. Shutdown says 1001, and
 a bad frame is answered with wsproto's code (1007 for text that is not UTF-8, 1002 for a
 protocol error).
 """
@@ -80,7 +80,13 @@ class FastLane:
 
 
 class WSProtocol(UvicornWSProtocol):
-    """uvicorn's wsproto protocol, closing without waiting on a stalled peer."""
+    """uvicorn's wsproto protocol, closing without waiting on a stalled peer.
+
+    :func:`uvicorn_config` serves a subclass whose ``linger`` comes from the settings.
+    """
+
+    # Seconds a closed socket is kept for its peer to read the close frame, then aborted.
+    linger = 10.0
 
     def handle_connect(self, event: Request) -> None:
         """Start the ASGI app as uvicorn does, offering it the fastlane."""
@@ -93,7 +99,8 @@ class WSProtocol(UvicornWSProtocol):
         """Send as uvicorn does, except that a close never waits for the peer to read."""
         if message["type"] == "websocket.close" and self._open():
             try:
-                self._close_now(message.get("code", 1000), message.get("reason") or "")
+                code, reason = message.get("code", 1000), message.get("reason") or ""
+                self._close_now(code, reason, self.linger)
             except LocalProtocolError as error:
                 raise ClientDisconnected from error
             return
@@ -118,8 +125,11 @@ class WSProtocol(UvicornWSProtocol):
             super().shutdown()
             return
         self.stop_keepalive()
+        # A peer that does not read its close frame is aborted within half the graceful
+        # shutdown window, so that uvicorn never has to give up on it.
+        linger = (self.config.timeout_graceful_shutdown or self.linger) / 2
         try:
-            self._close_now(CloseCode.GOING_AWAY, "server shutting down")
+            self._close_now(CloseCode.GOING_AWAY, "server shutting down", linger)
         except LocalProtocolError:
             self.transport.close()
 
@@ -131,7 +141,7 @@ class WSProtocol(UvicornWSProtocol):
             and not self.disconnected
         )
 
-    def _close_now(self, code: int, reason: str) -> None:
+    def _close_now(self, code: int, reason: str, linger: float) -> None:
         output = self.conn.send(CloseConnection(code=code, reason=reason))
         self.close_sent = True
         self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
@@ -139,7 +149,7 @@ class WSProtocol(UvicornWSProtocol):
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()
-        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+        self.close_timer = self.loop.call_later(linger, self.transport.abort)
 
 
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
@@ -148,7 +158,7 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         app,
         host=settings.host,
         port=settings.port,
-        ws=WSProtocol,
+        ws=type("WSProtocol", (WSProtocol,), {"linger": settings.close_timeout}),
         ws_max_size=settings.max_message_bytes,
         # Compression would cost a deflate per message per socket instead of one encoding.
         ws_per_message_deflate=False,
@@ -163,7 +173,9 @@ def bind(settings: Settings) -> socket.socket:
     """Bind and listen, so that a bad address fails before anything starts and early
     clients wait in the backlog rather than being refused."""
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio turns on TCP_NODELAY only for sockets made with it,
+    # and without it every small response waits for the peer's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.port))
     sock.listen(2048)

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         60.0,
         description="Seconds one socket write may take before the connection is closed with 1013.",
     )
+    close_timeout: PositiveFloat = Field(
+        60.0,
+        description="Seconds the socket of a connection closed by the server is kept for the "
+        "client to read the close frame (and learn why) before it is dropped.",
+    )
     max_message_bytes: PositiveInt = Field(
         64 * 1024, description="Largest frame or HTTP body a client may publish."
     )

@@ -13,7 +13,7 @@ import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 
 from broadcaster.app import Broadcaster, create_app
-from broadcaster.server import uvicorn_config
+from broadcaster.server import bind, uvicorn_config
 from broadcaster.settings import Settings
 
 if TYPE_CHECKING:
@@ -62,8 +62,7 @@ async def running_server(
             as another ASGI server would.
     """
     settings = settings or Settings(log_format="json")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = bind(settings.model_copy(update={"port": 0}))
     app = create_app(settings)
     config = uvicorn_config(app, settings)
     if plain_asgi:
