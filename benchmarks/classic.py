@@ -9,14 +9,20 @@ client that stops reading stalls all of them, and nothing bounds what queues up.
 Run it as users run the classic example, with uvicorn's defaults::
 
     .venv/bin/uvicorn --app-dir benchmarks classic:app --port 8001
+
+``python benchmarks/classic.py`` serves it on a free port and announces the port on stderr,
+as ``broadcaster serve`` does, so that ``broadcaster stress`` can spawn and measure it.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import sys
 from collections import defaultdict
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 
 app = FastAPI(title="classic ConnectionManager")
@@ -91,3 +97,20 @@ async def publish_endpoint(topic: str, request: Request) -> dict[str, Any]:
     text = (await request.body()).decode()
     subscribers = await manager.publish(topic, text, json.dumps(text))
     return {"topic": topic, "seq": manager.seq[topic], "subscribers": subscribers}
+
+
+def main() -> None:
+    """Serve on a free 127.0.0.1 port, announcing it the way ``broadcaster serve`` does.
+
+    Everything else is uvicorn's defaults, as the classic example runs.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(2048)
+    announcement = {"event": "server_starting", "host": "127.0.0.1", "port": sock.getsockname()[1]}
+    print(json.dumps(announcement), file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()

@@ -71,6 +71,9 @@ class Scenario:
     Args:
         url: ``ws://host:port`` of a running server; ``None`` spawns one.
         server_env: ``BROADCASTER_*`` variables for a spawned server.
+        server_command: the Python arguments that start a spawned server; whatever it runs
+            must log ``server_starting`` with its ``port`` as a JSON line on stderr, as
+            ``broadcaster serve`` does (the benchmarks' baseline server does too).
         mode: receivers on raw ``/ws/{topic}`` or multiplexed ``/ws``.
         via: the publisher's WebSocket (in ``mode``) or ``POST /publish/{topic}``.
         fast, slow, stalled, churn: clients of each kind, spread over the topics in turn.
@@ -90,6 +93,7 @@ class Scenario:
 
     url: str | None = None
     server_env: Mapping[str, str] = field(default_factory=dict)
+    server_command: tuple[str, ...] = ("-m", "broadcaster", "serve", "--port", "0")
     mode: Mode = Mode.MUX
     via: Via = Via.WS
     fast: int = 10
@@ -183,7 +187,7 @@ def run_scenario(
         runner = _Runner(scenario, scenario.url.rstrip("/"), None, on_progress)
         runner.run()
         return summarise(runner.outcome())
-    server = SpawnedServer(scenario.server_env)
+    server = SpawnedServer(scenario.server_env, scenario.server_command)
     try:
         runner = _Runner(scenario, server.start(STARTUP_SECONDS), server, on_progress)
         runner.run()

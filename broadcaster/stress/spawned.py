@@ -1,10 +1,11 @@
 """A broadcaster server started for one stress run, watched while it runs.
 
-``python -m broadcaster serve --port 0`` with the given ``BROADCASTER_*`` variables and JSON
-logs. The port comes from its first log line (``server_starting``); a thread reads its stderr
-for as long as it runs, so that a full pipe never blocks it, and counts the lines logged at
-error level. A :class:`Sampler` (psutil) samples its memory and CPU, as it does the load
-generator's own processes; at the end the server gets SIGTERM, and its exit status is kept.
+``python -m broadcaster serve --port 0`` (or another command that announces itself the same
+way) with the given ``BROADCASTER_*`` variables and JSON logs. The port comes from its first
+log line (``server_starting``); a thread reads its stderr for as long as it runs, so that a
+full pipe never blocks it, and counts the lines logged at error level. A :class:`Sampler`
+(psutil) samples its memory and CPU, as it does the load generator's own processes; at the
+end the server gets SIGTERM, and its exit status is kept.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
     from typing import IO
 
 # Error-level lines kept word for word for the report; the rest are only counted.
@@ -88,14 +89,16 @@ class SpawnedServer:
 
     Args:
         env: ``BROADCASTER_*`` variables set on top of this process's environment.
+        command: the arguments after the Python executable.
 
     :meth:`start` starts it and returns its URL; :meth:`stop` stops it (callers must call it,
     in a ``finally``).
     """
 
-    def __init__(self, env: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str], command: Sequence[str]) -> None:
         # The child inherits this process's environment, as a shell would give it.
         self._env = {**os.environ, **env, "BROADCASTER_LOG_FORMAT": "json"}
+        self._command = [sys.executable, *command]
         self._process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
         self._announced = threading.Event()
@@ -119,7 +122,7 @@ class SpawnedServer:
             ServerFailed: it exited, or did not announce its port within ``timeout`` seconds.
         """
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "broadcaster", "serve", "--port", "0"],
+            self._command,
             env=self._env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
