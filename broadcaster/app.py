@@ -136,12 +136,15 @@ class Broadcaster:
     def _routes(self) -> APIRouter:
         router = APIRouter()
 
-        @router.websocket("/ws")
+        # Plain Starlette routes: FastAPI's dependency solving would cost every one of
+        # thousands of idle connections a few KiB for nothing.
+        @router.websocket_route("/ws")
         async def multiplexed(websocket: WebSocket) -> None:
             await self._serve(websocket, None)
 
-        @router.websocket("/ws/{topic}")
-        async def raw(websocket: WebSocket, topic: str) -> None:
+        @router.websocket_route("/ws/{topic}")
+        async def raw(websocket: WebSocket) -> None:
+            topic = websocket.path_params["topic"]
             try:
                 validate_topic(topic)
             except ProtocolError as error:

@@ -1,4 +1,4 @@
-"""One WebSocket connection: a reader task and a sender task in one task group.
+"""One WebSocket connection: a reader and a sender task in one task group.
 
 The reader turns client frames into hub commands; the sender drains the outbox into the
 socket and is the only task that writes to it. Whichever ends first cancels the other; then
@@ -95,17 +95,23 @@ class Connection:
         self._log = logger
         self._topic = topic
         self._fastlane = fastlane
-        self._scope = anyio.CancelScope()
+        # The task group's scope once it runs; the outbox cancels it when it fails, since the
+        # sender may be blocked in a socket write.
+        self._scope: anyio.CancelScope | None = None
         self.outbox = Outbox(
             max_messages=settings.queue_max_messages,
             max_bytes=settings.queue_max_bytes,
             overflow=settings.overflow,
             lag_timeout=settings.lag_timeout,
             logger=logger,
-            on_fail=lambda error: self._scope.cancel(),
+            on_fail=self._cancel,
         )
         mode = Mode.MUX if topic is None else Mode.RAW
         self._subscriber = Subscriber(self.outbox, mode)
+
+    def _cancel(self, error: Closing) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def run(self) -> None:
         """Serve until the client leaves, lags, or the server stops; then close the socket."""
@@ -118,13 +124,14 @@ class Connection:
         )
         closing: Closing | None = None
         try:
-            with self._scope:
+            async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
                 self._hub.join(self._subscriber)
                 if self._topic is not None:
                     await self._hub.subscribe(self._subscriber, self._topic)
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._read_loop, tg.cancel_scope)
-                    tg.start_soon(self._send_loop, tg.cancel_scope)
+                tg.start_soon(self._send_loop, tg.cancel_scope)
+                # The reader is the group's host task: one task fewer per connection.
+                await self._read_loop(tg.cancel_scope)
         except* HubStopped:
             closing = Closing(CloseCode.INTERNAL_ERROR, "hub stopped")
         except* Closing as group:

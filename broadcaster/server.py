@@ -5,9 +5,9 @@ stalled peer to drain before it writes a close frame, it closes with 1012 on shu
 drops a connection whose frame wsproto cannot parse without saying why. :class:`WSProtocol`
 closes at once instead: the close frame goes behind whatever is buffered, so a laggard that
 reads again learns why it was cut off, and a peer that never reads is aborted after
-``BROADCASTER_CLOSE_TIMEOUT`` rather than holding its buffer until TCP gives up. Shutdown says 1001, and
-a bad frame is answered with wsproto's code (1007 for text that is not UTF-8, 1002 for a
-protocol error).
+``BROADCASTER_CLOSE_TIMEOUT`` rather than holding its buffer until TCP gives up. Shutdown
+says 1001, and a bad frame is answered with wsproto's code (1007 for text that is not UTF-8,
+1002 for a protocol error).
 """
 
 from __future__ import annotations

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
-from contextlib import asynccontextmanager
+import subprocess
+import sys
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Message, Request, TextMessage
 
 from broadcaster.app import Broadcaster, create_app
 from broadcaster.server import bind, uvicorn_config
 from broadcaster.settings import Settings
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Iterator
+
+    from anyio.abc import SocketStream
 
 # How often wait_until looks again; the deadline, not this, bounds the wait.
 POLL_INTERVAL = 0.005
@@ -115,3 +122,73 @@ async def receive_envelopes(connection: ClientConnection, count: int) -> list[di
         frame = await receive_json(connection)
         envelopes.extend(frame if isinstance(frame, list) else [frame])
     return envelopes
+
+
+@contextmanager
+def serving(env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Start ``broadcaster serve --port 0`` and read the port it bound from its first log line.
+
+    Its other log lines are left unread: a test must not log more than a pipe holds.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "broadcaster", "serve", "--port", "0"],
+        env={**os.environ, **(env or {}), "BROADCASTER_LOG_FORMAT": "json"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        first = json.loads(process.stderr.readline())
+        assert first["event"] == "server_starting"
+        yield process, first["port"]
+    finally:
+        process.kill()
+        process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+class RawClient:
+    """A WebSocket client that keeps every byte the server sent after the handshake."""
+
+    def __init__(self, stream: SocketStream) -> None:
+        self.stream = stream
+        self.protocol = WSConnection(ConnectionType.CLIENT)
+        self.wire = bytearray()
+        self.messages: list[str | bytes] = []
+        self._partial: list[str | bytes] = []
+
+    @classmethod
+    async def connect(cls, live: LiveServer, path: str) -> RawClient:
+        """Connect and complete the opening handshake."""
+        client = cls(await anyio.connect_tcp("127.0.0.1", live.port))
+        await client.stream.send(client.protocol.send(Request(host="127.0.0.1", target=path)))
+        while not any(isinstance(e, AcceptConnection) for e in client._feed(await client._read())):
+            pass
+        client.wire.clear()
+        return client
+
+    async def send_text(self, text: str) -> None:
+        """Send one text message."""
+        await self.stream.send(self.protocol.send(TextMessage(data=text)))
+
+    async def read_messages(self, count: int) -> None:
+        """Read until ``count`` messages have arrived in all."""
+        with anyio.fail_after(10):
+            while len(self.messages) < count:
+                data = await self._read()
+                self.wire += data
+                for event in self._feed(data):
+                    if isinstance(event, Message):
+                        self._partial.append(event.data)
+                        if event.message_finished:
+                            joined = self._partial[0][:0].join(self._partial)  # type: ignore[arg-type]
+                            self.messages.append(joined)
+                            self._partial.clear()
+
+    async def _read(self) -> bytes:
+        return await self.stream.receive()
+
+    def _feed(self, data: bytes) -> list[object]:
+        self.protocol.receive_data(data)
+        return list(self.protocol.events())

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.support import client, subscribe
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
+from tests.support import client, serving, subscribe
 
 SERVE = [sys.executable, "-m", "broadcaster", "serve"]
 
@@ -71,27 +65,6 @@ def test_busy_port_exits_2() -> None:
     assert result.returncode == 2
     assert "cannot bind" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-@contextmanager
-def serving(*args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """Start ``broadcaster serve --port 0`` and read the port it bound from its first log line."""
-    process = subprocess.Popen(
-        [*SERVE, "--port", "0", *args],
-        env={**os.environ, "BROADCASTER_LOG_FORMAT": "json"},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stderr is not None
-        first = json.loads(process.stderr.readline())
-        assert first["event"] == "server_starting"
-        yield process, first["port"]
-    finally:
-        process.kill()
-        process.wait()
-        if process.stderr is not None:
-            process.stderr.close()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -3,67 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
-import anyio
 import httpx
 from structlog.testing import capture_logs
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Message, Request, TextMessage
 
-from tests.support import LiveServer, running_server, wait_until
-
-if TYPE_CHECKING:
-    from anyio.abc import SocketStream
+from tests.support import RawClient, running_server, wait_until
 
 TEXTS = ["short", "m" * 200, "l" * 70_000]
 BINARIES = [b"\x00\x01", bytes(range(256)) * 200]
-
-
-class RawClient:
-    """A WebSocket client that keeps every byte the server sent after the handshake."""
-
-    def __init__(self, stream: SocketStream) -> None:
-        self.stream = stream
-        self.protocol = WSConnection(ConnectionType.CLIENT)
-        self.wire = bytearray()
-        self.messages: list[str | bytes] = []
-        self._partial: list[str | bytes] = []
-
-    @classmethod
-    async def connect(cls, live: LiveServer, path: str) -> RawClient:
-        """Connect and complete the opening handshake."""
-        client = cls(await anyio.connect_tcp("127.0.0.1", live.port))
-        await client.stream.send(client.protocol.send(Request(host="127.0.0.1", target=path)))
-        while not any(isinstance(e, AcceptConnection) for e in client._feed(await client._read())):
-            pass
-        client.wire.clear()
-        return client
-
-    async def send_text(self, text: str) -> None:
-        """Send one text message."""
-        await self.stream.send(self.protocol.send(TextMessage(data=text)))
-
-    async def read_messages(self, count: int) -> None:
-        """Read until ``count`` messages have arrived in all."""
-        with anyio.fail_after(10):
-            while len(self.messages) < count:
-                data = await self._read()
-                self.wire += data
-                for event in self._feed(data):
-                    if isinstance(event, Message):
-                        self._partial.append(event.data)
-                        if event.message_finished:
-                            joined = self._partial[0][:0].join(self._partial)  # type: ignore[arg-type]
-                            self.messages.append(joined)
-                            self._partial.clear()
-
-    async def _read(self) -> bytes:
-        return await self.stream.receive()
-
-    def _feed(self, data: bytes) -> list[object]:
-        self.protocol.receive_data(data)
-        return list(self.protocol.events())
 
 
 async def capture(plain_asgi: bool) -> tuple[bytes, bytes]:
