@@ -250,7 +250,8 @@ def _rss_phases(report: Report) -> tuple[float, float]:
     assert server is not None
     assert server.rss_start_mib is not None
     assert server.rss_end_mib is not None
-    warm = next(rss for at, rss, _ in server.samples if at >= report.publisher.seconds / 4)
+    quarter = report.scenario["duration"] / 4
+    warm = next((rss for at, rss, _ in server.samples if at >= quarter), server.rss_end_mib)
     return round(warm - server.rss_start_mib, 1), round(server.rss_end_mib - warm, 1)
 
 
@@ -288,10 +289,12 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     reports: dict[str, Report] = {}
-    rows = [row for name in chosen for row in SCENARIOS[name](reports)]
+    rows = []
+    for name in chosen:
+        rows += SCENARIOS[name](reports)
+        if args.json:  # after each scenario, so that a long run keeps what it measured
+            args.json.write_text(json.dumps({k: r.to_json() for k, r in reports.items()}))
     print(table(rows))
-    if args.json:
-        args.json.write_text(json.dumps({k: r.to_json() for k, r in reports.items()}, indent=1))
     return 0 if all(row.met for row in rows) else 1
 
 
