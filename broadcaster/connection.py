@@ -1,9 +1,7 @@
 """One WebSocket connection: a reader and a sender task in one task group.
 
 The reader turns client frames into hub commands; the sender drains the outbox into the
-socket and is the only task that writes to it. The sender runs while the outbox holds
-frames: the outbox starts it when a frame arrives in it empty, and it ends once it has
-written everything. Whichever ends first cancels the other; then
+socket and is the only task that writes to it. Whichever ends first cancels the other; then
 the connection leaves the hub (synchronously, so neither cancellation nor a full mailbox can
 lose it) and the socket is closed with the code that says why.
 """
@@ -97,10 +95,9 @@ class Connection:
         self._log = logger
         self._topic = topic
         self._fastlane = fastlane
-        # The task group while it runs. The outbox cancels it when it fails, since the sender
-        # may be blocked in a socket write, and starts the sender in it when frames arrive.
-        self._group: anyio.abc.TaskGroup | None = None
-        self._sending = False
+        # The task group's scope once it runs; the outbox cancels it when it fails, since the
+        # sender may be blocked in a socket write.
+        self._scope: anyio.CancelScope | None = None
         self.outbox = Outbox(
             max_messages=settings.queue_max_messages,
             max_bytes=settings.queue_max_bytes,
@@ -108,21 +105,13 @@ class Connection:
             lag_timeout=settings.lag_timeout,
             logger=logger,
             on_fail=self._cancel,
-            on_ready=self._start_sender,
         )
         mode = Mode.MUX if topic is None else Mode.RAW
         self._subscriber = Subscriber(self.outbox, mode)
 
     def _cancel(self, error: Closing) -> None:
-        if self._group is not None:
-            self._group.cancel_scope.cancel()
-
-    def _start_sender(self) -> None:
-        # The sender runs only while there is something to send: an idle connection, of
-        # which a server may hold many thousands, then costs no task and no wait event.
-        if self._group is not None and not self._sending:
-            self._sending = True
-            self._group.start_soon(self._send_loop, self._group.cancel_scope)
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def run(self) -> None:
         """Serve until the client leaves, lags, or the server stops; then close the socket."""
@@ -135,12 +124,14 @@ class Connection:
         )
         closing: Closing | None = None
         try:
-            async with anyio.create_task_group() as self._group:
+            async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
                 self._hub.join(self._subscriber)
                 if self._topic is not None:
                     await self._hub.subscribe(self._subscriber, self._topic)
+                tg.start_soon(self._send_loop, tg.cancel_scope)
                 # The reader is the group's host task: one task fewer per connection.
-                await self._read_loop(self._group.cancel_scope)
+                await self._read_loop(tg.cancel_scope)
         except* HubStopped:
             closing = Closing(CloseCode.INTERNAL_ERROR, "hub stopped")
         except* Closing as group:
@@ -149,7 +140,6 @@ class Connection:
             self._log.exception("connection_crashed")
             closing = Closing(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            self._group = None
             closing = self.outbox.error or closing
             self.outbox.close()
             self._hub.leave_nowait(self._subscriber)
@@ -197,24 +187,18 @@ class Connection:
 
     async def _send_loop(self, scope: anyio.CancelScope) -> None:
         try:
-            while self.outbox.pending:
+            while True:
                 frames = await self.outbox.receive_batch(BATCH_BYTES)
                 if self._socket.writable():
                     # The common case, and per batch: skip the cost of a deadline.
                     await self._socket.send(frames)
-                else:
-                    with anyio.fail_after(self._send_timeout):
-                        await self._socket.send(frames)
-                if not self.outbox.pending:
-                    # Let the hub run once before ending: under load it is in the middle of
-                    # a burst that refills the outbox, and a new sender costs a new task.
-                    await anyio.lowlevel.checkpoint()
+                    continue
+                with anyio.fail_after(self._send_timeout):
+                    await self._socket.send(frames)
         except TimeoutError:
             raise SlowConsumer(LagCause.SEND_TIMEOUT) from None
         except (anyio.BrokenResourceError, anyio.EndOfStream):
             scope.cancel()
-        finally:
-            self._sending = False
 
 
 def _first_closing(group: BaseExceptionGroup[Closing]) -> Closing:

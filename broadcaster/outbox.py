@@ -50,8 +50,6 @@ class Outbox:
         logger: bound to the connection; told once per overflow episode, never per frame.
         on_fail: called once, synchronously, when the outbox fails; the connection uses it
             to cancel its tasks, since its sender may be blocked in a socket write.
-        on_ready: called, synchronously, when a frame arrives in an empty outbox; the
-            connection starts its sender then, so that an idle connection holds no task.
         clock: monotonic seconds; tests inject their own.
     """
 
@@ -64,7 +62,6 @@ class Outbox:
         lag_timeout: float,
         logger: FilteringBoundLogger,
         on_fail: Callable[[Closing], None] = lambda error: None,
-        on_ready: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_messages = max_messages
@@ -73,11 +70,9 @@ class Outbox:
         self._lag_timeout = lag_timeout
         self._log = logger
         self._on_fail = on_fail
-        self._on_ready = on_ready
         self._clock = clock
         # Control frames are queued in order with the rest but count against neither bound.
-        # None while empty: an empty deque costs 0.7 KiB, and most connections are idle.
-        self._queue: deque[Frame] | None = None
+        self._queue: deque[Frame] = deque()
         self._messages = 0
         self._bytes = 0
         self._dropped = 0
@@ -100,7 +95,8 @@ class Outbox:
         if self._closed:
             return
         if frame.control:
-            self._append(frame)
+            self._queue.append(frame)
+            self._wake()
             return
         size = frame.size
         while True:
@@ -133,13 +129,14 @@ class Outbox:
             cause = LagCause.LAG if action is Action.DISCONNECT_LAG else LagCause.QUEUE_FULL
             self.fail(SlowConsumer(cause))
             return
+        self._queue.append(frame)
         self._messages += 1
         self._bytes += size
-        self._append(frame)
+        self._wake()
 
     async def wait_control_room(self, limit: int) -> None:
         """Wait until fewer than ``limit`` control frames are queued."""
-        while not self._closed and len(self._queue or ()) - self._messages >= limit:
+        while not self._closed and len(self._queue) - self._messages >= limit:
             await self._wait()
 
     async def receive_batch(self, max_bytes: int) -> list[Frame]:
@@ -163,8 +160,6 @@ class Outbox:
             if not frame.control:
                 self._messages -= 1
                 self._bytes -= frame.size
-        if not queue:
-            self._queue = None
         if self._messages == 0 and self._overflowing_since is not None:
             self._log.info("outbox_recovered", dropped=self._episode_drops)
             self._overflowing_since = None
@@ -184,15 +179,10 @@ class Outbox:
     def close(self) -> None:
         """Close the outbox and release every queued frame."""
         self._closed = True
-        self._queue = None
+        self._queue.clear()
         self._messages = 0
         self._bytes = 0
         self._wake()
-
-    @property
-    def pending(self) -> bool:
-        """Whether frames are queued."""
-        return bool(self._queue)
 
     @property
     def error(self) -> Closing | None:
@@ -204,23 +194,14 @@ class Outbox:
         return OutboxStatistics(
             queued_messages=self._messages,
             queued_bytes=self._bytes,
-            queued_control=len(self._queue or ()) - self._messages,
+            queued_control=len(self._queue) - self._messages,
             max_messages=self.max_messages,
             max_bytes=self.max_bytes,
             dropped=self._dropped,
             closed=self._closed,
         )
 
-    def _append(self, frame: Frame) -> None:
-        if self._queue is None:
-            self._queue = deque()
-        self._queue.append(frame)
-        self._wake()
-        if len(self._queue) == 1:
-            self._on_ready()
-
     def _evict_oldest(self) -> None:
-        assert self._queue is not None  # only called while data frames are queued
         for index, frame in enumerate(self._queue):
             if not frame.control:
                 del self._queue[index]
