@@ -6,25 +6,28 @@ routes that reach it, so it can be mounted into an existing app as well as serve
 
 from __future__ import annotations
 
+import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import anyio
-from fastapi import APIRouter, FastAPI, HTTPException, Request, WebSocket
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
 from broadcaster.connection import FASTLANE, Connection
 from broadcaster.errors import HubBusy, HubStopped, ProtocolError
-from broadcaster.hub import Hub
+from broadcaster.hub import Hub, Source, Subscriber
 from broadcaster.log import get_logger
+from broadcaster.metrics import CONTENT_TYPE_LATEST, Metrics
 from broadcaster.protocol import Payload, parse_json_body, validate_topic
 from broadcaster.settings import Settings
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
 
+    from broadcaster.outbox import OutboxStatistics
     from broadcaster.protocol import Frame
 
 
@@ -96,7 +99,16 @@ class Broadcaster:
         self, settings: Settings, on_hub_failure: Callable[[], None] = lambda: None
     ) -> None:
         self.settings = settings
-        self.hub = Hub(mailbox_size=settings.hub_mailbox_size, logger=get_logger("broadcaster.hub"))
+        self.metrics = Metrics(settings.overflow)
+        self.hub = Hub(
+            mailbox_size=settings.hub_mailbox_size,
+            logger=get_logger("broadcaster.hub"),
+            observe_fanout=self.metrics.fanout_seconds.observe,
+        )
+        self.metrics.watch(self.hub)
+        self.draining = False
+        self._drain_asked = anyio.Event()
+        self._on_drained: Callable[[], None] = lambda: None
         self._on_hub_failure = on_hub_failure
         self._log = get_logger("broadcaster.connection")
         self.router = self._routes()
@@ -106,8 +118,31 @@ class Broadcaster:
         """Run the hub for as long as the context is open."""
         async with anyio.create_task_group() as tg:
             await tg.start(self._supervise)
+            tg.start_soon(self._drain_when_asked)
             yield
             tg.cancel_scope.cancel()
+
+    def request_drain(self, on_drained: Callable[[], None]) -> None:
+        """Start draining (from the event loop's thread) and call ``on_drained`` when done.
+
+        ``/readyz`` answers 503 at once and new WebSocket handshakes are refused with 503;
+        outboxes get ``BROADCASTER_DRAIN_TIMEOUT`` seconds to flush. The server then stops,
+        which closes every socket with 1001.
+        """
+        self.draining = True
+        self._on_drained = on_drained
+        self._drain_asked.set()
+
+    async def _drain_when_asked(self) -> None:
+        await self._drain_asked.wait()
+        log = get_logger("broadcaster.app")
+        log.info("drain_started", connections=self.hub.statistics().subscribers)
+        with anyio.move_on_after(self.settings.drain_timeout) as deadline:
+            for subscriber in self.hub.subscribers():
+                await subscriber.outbox.wait_empty()
+        left = sum(s.outbox.statistics().queued_messages for s in self.hub.subscribers())
+        log.info("drain_finished", timed_out=deadline.cancelled_caught, messages_left=left)
+        self._on_drained()
 
     async def publish(self, topic: str, data: Any) -> None:
         """Publish a JSON value to ``topic`` from application code, waiting for mailbox room.
@@ -127,11 +162,26 @@ class Broadcaster:
             raise
 
     async def _serve(self, websocket: WebSocket, topic: str | None) -> None:
+        if self.draining:
+            body = {"error": "draining", "detail": "the server is shutting down"}
+            await websocket.send_denial_response(JSONResponse(body, 503))
+            return
         peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else None
-        log = self._log.bind(conn_id=uuid.uuid4().hex[:12], peer=peer)
+        conn_id = uuid.uuid4().hex[:12]
+        log = self._log.bind(conn_id=conn_id, peer=peer)
         socket = _StarletteSocket(websocket)
         await websocket.accept()
-        await Connection(socket, self.hub, self.settings, log, topic, socket.fastlane).run()
+        await Connection(
+            socket,
+            self.hub,
+            self.settings,
+            log,
+            topic,
+            fastlane=socket.fastlane,
+            conn_id=conn_id,
+            peer=peer,
+            totals=self.metrics.totals,
+        ).run()
 
     def _routes(self) -> APIRouter:
         router = APIRouter()
@@ -161,7 +211,8 @@ class Broadcaster:
                 raise HTTPException(400, error.detail) from None
             body = await self._read_body(request)
             try:
-                pending = self.hub.publish_nowait(topic, self._http_payload(request, body))
+                payload = self._http_payload(request, body)
+                pending = self.hub.publish_nowait(topic, payload, Source.HTTP)
             except HubBusy:
                 raise HTTPException(
                     503, "the hub is busy; retry shortly", headers={"Retry-After": "1"}
@@ -178,9 +229,31 @@ class Broadcaster:
             running = self.hub.statistics().running
             return JSONResponse({"status": "ok" if running else "down"}, 200 if running else 503)
 
+        @router.get("/readyz")
+        async def readyz() -> JSONResponse:
+            if self.draining:
+                return JSONResponse({"status": "draining"}, 503)
+            if not self.hub.statistics().running:
+                return JSONResponse({"status": "down"}, 503)
+            return JSONResponse({"status": "ready"})
+
         @router.get("/topics")
         async def topics() -> dict[str, int]:
             return dict(self.hub.statistics().topics)
+
+        @router.get("/metrics")
+        async def metrics() -> Response:
+            return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+        @router.get("/connections")
+        async def connections(
+            limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+        ) -> list[dict[str, Any]]:
+            """The connections holding the most queued bytes: who is slow right now."""
+            now = time.monotonic()
+            rows = [_describe(s, s.outbox.statistics(), now) for s in self.hub.subscribers()]
+            rows.sort(key=lambda row: row["queued_bytes"], reverse=True)
+            return rows[:limit]
 
         return router
 
@@ -210,6 +283,22 @@ class Broadcaster:
             return Payload(body.decode())
         except UnicodeDecodeError:
             return Payload(body)
+
+
+def _describe(subscriber: Subscriber, stats: OutboxStatistics, now: float) -> dict[str, Any]:
+    oldest = None if stats.oldest_born is None else round(now - stats.oldest_born, 3)
+    return {
+        "conn_id": subscriber.conn_id,
+        "peer": subscriber.peer,
+        "mode": subscriber.mode.value,
+        "subscriptions": len(subscriber.topics),
+        "queued_messages": stats.queued_messages,
+        "queued_bytes": stats.queued_bytes,
+        "oldest_queued_seconds": oldest,
+        "dropped": stats.dropped,
+        "sent": stats.sent,
+        "connected_seconds": round(now - subscriber.opened_at, 3),
+    }
 
 
 def create_app(

@@ -22,7 +22,8 @@ from broadcaster.errors import (
     ProtocolError,
     SlowConsumer,
 )
-from broadcaster.hub import Hub, Subscriber
+from broadcaster.hub import Hub, Source, Subscriber
+from broadcaster.metrics import Totals
 from broadcaster.outbox import Outbox
 from broadcaster.protocol import (
     Frame,
@@ -78,6 +79,8 @@ class Connection:
         logger: bound to this connection's ``conn_id`` and ``peer``.
         topic: the topic a raw-mode socket is subscribed to; ``None`` for multiplexed mode.
         fastlane: whether the socket writes frames through the fastlane; logged on opening.
+        conn_id, peer: how operators tell this connection from others.
+        totals: where the connection adds what it did when it ends, for the metrics.
     """
 
     def __init__(
@@ -87,11 +90,17 @@ class Connection:
         settings: Settings,
         logger: FilteringBoundLogger,
         topic: str | None = None,
+        *,
         fastlane: bool = False,
+        conn_id: str = "",
+        peer: str | None = None,
+        totals: Totals | None = None,
     ) -> None:
         self._socket = socket
         self._hub = hub
         self._send_timeout = settings.send_timeout
+        self._idle_timeout = settings.idle_timeout
+        self._totals = totals or Totals()
         self._log = logger
         self._topic = topic
         self._fastlane = fastlane
@@ -107,7 +116,9 @@ class Connection:
             on_fail=self._cancel,
         )
         mode = Mode.MUX if topic is None else Mode.RAW
-        self._subscriber = Subscriber(self.outbox, mode)
+        self._subscriber = Subscriber(
+            self.outbox, mode, conn_id=conn_id, peer=peer, opened_at=time.monotonic()
+        )
 
     def _cancel(self, error: Closing) -> None:
         if self._scope is not None:
@@ -116,6 +127,7 @@ class Connection:
     async def run(self) -> None:
         """Serve until the client leaves, lags, or the server stops; then close the socket."""
         started = time.monotonic()
+        self._totals.accepted += 1
         self._log.info(
             "connection_opened",
             mode=self._subscriber.mode.value,
@@ -143,6 +155,7 @@ class Connection:
             closing = self.outbox.error or closing
             self.outbox.close()
             self._hub.leave_nowait(self._subscriber)
+            self._count(closing)
             if closing is not None:
                 with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
                     await self._socket.close(closing.code, closing.reason)
@@ -155,8 +168,26 @@ class Connection:
                 seconds=round(time.monotonic() - started, 3),
             )
 
+    def _count(self, closing: Closing | None) -> None:
+        totals, stats = self._totals, self.outbox.statistics()
+        totals.closed[str(closing.code.value) if closing else "none"] += 1
+        if isinstance(closing, SlowConsumer):
+            totals.slow_consumers[closing.cause.value] += 1
+        totals.dropped += stats.dropped
+        totals.sent += stats.sent
+
+    async def _receive(self) -> str | bytes | None:
+        # A multiplexed connection with no subscription that sends nothing for the idle
+        # timeout is closed; the deadline is paid only while it has no subscription.
+        while self._topic is None and not self._subscriber.topics:
+            with anyio.move_on_after(self._idle_timeout):
+                return await self._socket.receive()
+            if not self._subscriber.topics:
+                raise Closing(CloseCode.POLICY_VIOLATION, "idle timeout")
+        return await self._socket.receive()
+
     async def _read_loop(self, scope: anyio.CancelScope) -> None:
-        while (message := await self._socket.receive()) is not None:
+        while (message := await self._receive()) is not None:
             if self._topic is not None:
                 await self._publish(self._topic, Payload(message))
                 continue
@@ -181,9 +212,9 @@ class Connection:
         # frame that arrived in one read before the hub runs, and the hub fans them out as
         # one burst, so that each sender wakes to a batch instead of to every frame.
         try:
-            self._hub.publish_nowait(topic, payload)
+            self._hub.publish_nowait(topic, payload, Source.WS)
         except HubBusy:
-            await self._hub.publish(topic, payload)
+            await self._hub.publish(topic, payload, Source.WS)
 
     async def _send_loop(self, scope: anyio.CancelScope) -> None:
         try:

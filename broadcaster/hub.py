@@ -7,9 +7,11 @@ subscriber or a lock one holds.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from contextlib import suppress
 from dataclasses import dataclass, field
+from enum import StrEnum
+from time import perf_counter
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -19,7 +21,7 @@ from broadcaster.errors import CloseCode, Closing, HubBusy, HubStopped, Shutting
 from broadcaster.protocol import Frame, Mode, Payload, control_frame
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from anyio.abc import TaskStatus
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -33,13 +35,27 @@ BURST = 128
 PONG = control_frame("pong")
 
 
+class Source(StrEnum):
+    """Where a publish came from, as the metrics count it."""
+
+    WS = "ws"
+    HTTP = "http"
+    APP = "app"
+
+
 @dataclass(eq=False, slots=True)
 class Subscriber:
-    """One connection as the hub sees it. ``topics`` is the hub's to change."""
+    """One connection as the hub sees it. ``topics`` is the hub's to change.
+
+    ``conn_id``, ``peer`` and ``opened_at`` (monotonic seconds) are for operators' eyes.
+    """
 
     outbox: Outbox
     mode: Mode
     topics: set[str] = field(default_factory=set)
+    conn_id: str = ""
+    peer: str | None = None
+    opened_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +106,7 @@ class HubStatistics:
     topics: Mapping[str, int]
     subscribers: int
     mailbox_depth: int
-    published: int
+    published: Mapping[str, int]
 
 
 @dataclass(slots=True)
@@ -119,6 +135,7 @@ class _Unsubscribe:
 class _Publish:
     topic: str
     payload: Payload
+    source: Source
     receipt: PendingReceipt | None
 
 
@@ -143,9 +160,16 @@ class Hub:
         mailbox_size: commands queued at most; past it :meth:`publish_nowait` raises
             :class:`HubBusy` and the async senders wait.
         logger: the hub's logger.
+        observe_fanout: told the seconds each publish took to fan out, for a histogram.
     """
 
-    def __init__(self, *, mailbox_size: int, logger: FilteringBoundLogger) -> None:
+    def __init__(
+        self,
+        *,
+        mailbox_size: int,
+        logger: FilteringBoundLogger,
+        observe_fanout: Callable[[float], None] = lambda seconds: None,
+    ) -> None:
         self._mailbox_size = mailbox_size
         self._log = logger
         # The mailbox exists while the hub runs; None means stopped.
@@ -154,7 +178,8 @@ class Hub:
         self._subscribers: set[Subscriber] = set()
         # Departures bypass the mailbox so that a full mailbox cannot lose a cleanup.
         self._departures: deque[Subscriber] = deque()
-        self._published = 0
+        self._published: Counter[str] = Counter()
+        self._observe_fanout = observe_fanout
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve the mailbox until cancelled; then fail every subscriber's outbox.
@@ -227,11 +252,13 @@ class Hub:
         """Ask for a ``pong``, queued once every command sent before it has taken effect."""
         await self._send(_Ping(subscriber))
 
-    async def publish(self, topic: str, payload: Payload) -> None:
+    async def publish(self, topic: str, payload: Payload, source: Source = Source.APP) -> None:
         """Publish to ``topic``, waiting for mailbox room (pushes back on the publisher)."""
-        await self._send(_Publish(topic, payload, None))
+        await self._send(_Publish(topic, payload, source, None))
 
-    def publish_nowait(self, topic: str, payload: Payload) -> PendingReceipt:
+    def publish_nowait(
+        self, topic: str, payload: Payload, source: Source = Source.APP
+    ) -> PendingReceipt:
         """Publish to ``topic`` without waiting.
 
         Raises:
@@ -242,7 +269,7 @@ class Hub:
             raise HubStopped
         receipt = PendingReceipt()
         try:
-            self._mailbox.send_nowait(_Publish(topic, payload, receipt))
+            self._mailbox.send_nowait(_Publish(topic, payload, source, receipt))
         except anyio.WouldBlock:
             raise HubBusy from None
         return receipt
@@ -260,7 +287,7 @@ class Hub:
             ),
             subscribers=len(self._subscribers),
             mailbox_depth=self._mailbox.statistics().current_buffer_used if self._mailbox else 0,
-            published=self._published,
+            published=MappingProxyType(dict(self._published)),
         )
 
     async def _send(self, command: _Command) -> None:
@@ -293,8 +320,9 @@ class Hub:
             self._leave(self._departures.popleft())
 
     def _publish(self, command: _Publish) -> None:
+        started = perf_counter()
         topic = self._topics.get(command.topic)
-        self._published += 1
+        self._published[command.source] += 1
         if topic is None:
             seq = subscribers = 0
         else:
@@ -310,6 +338,7 @@ class Hub:
                 frame = payload.envelope(command.topic, seq)
                 for outbox in topic.mux:
                     outbox.send_nowait(frame)
+        self._observe_fanout(perf_counter() - started)
         if command.receipt is not None:
             command.receipt._set(Receipt(command.topic, seq, subscribers))
 

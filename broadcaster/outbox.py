@@ -35,6 +35,8 @@ class OutboxStatistics:
     max_messages: int
     max_bytes: int
     dropped: int
+    sent: int
+    oldest_born: float | None
     closed: bool
 
 
@@ -76,6 +78,7 @@ class Outbox:
         self._messages = 0
         self._bytes = 0
         self._dropped = 0
+        self._sent = 0
         self._episode_drops = 0
         self._overflowing_since: float | None = None
         self._waiter: anyio.Event | None = None
@@ -139,6 +142,11 @@ class Outbox:
         while not self._closed and len(self._queue) - self._messages >= limit:
             await self._wait()
 
+    async def wait_empty(self) -> None:
+        """Wait until every queued frame has been taken, or the outbox is closed."""
+        while self._queue and not self._closed:
+            await self._wait()
+
     async def receive_batch(self, max_bytes: int) -> list[Frame]:
         """Take the oldest frames, up to ``max_bytes`` of them but at least one, waiting for one.
 
@@ -160,6 +168,7 @@ class Outbox:
             if not frame.control:
                 self._messages -= 1
                 self._bytes -= frame.size
+                self._sent += 1
         if self._messages == 0 and self._overflowing_since is not None:
             self._log.info("outbox_recovered", dropped=self._episode_drops)
             self._overflowing_since = None
@@ -198,6 +207,8 @@ class Outbox:
             max_messages=self.max_messages,
             max_bytes=self.max_bytes,
             dropped=self._dropped,
+            sent=self._sent,
+            oldest_born=self._queue[0].born if self._queue else None,
             closed=self._closed,
         )
 

@@ -11,6 +11,7 @@ import base64
 import json
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -30,11 +31,13 @@ class Frame:
             straight to the transport; its length is what outboxes count.
         control: a control frame (``subscribed``, ``pong``, ``error``...), which the overflow
             policy never drops.
+        born: when it was encoded (``time.monotonic()``), to tell how long it has waited.
     """
 
     data: str | bytes
     wire: bytes = field(repr=False)
     control: bool = False
+    born: float = field(default_factory=time.monotonic, compare=False)
 
     @classmethod
     def of(cls, data: str | bytes, *, control: bool = False) -> Frame:

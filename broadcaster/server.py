@@ -12,8 +12,8 @@ says 1001, and a bad frame is answered with wsproto's code (1007 for text that i
 
 from __future__ import annotations
 
+import asyncio
 import resource
-import signal
 import socket
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ from broadcaster.log import get_logger
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from types import FrameType
 
     from uvicorn._types import ASGISendEvent
 
@@ -160,6 +161,8 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         port=settings.port,
         ws=type("WSProtocol", (WSProtocol,), {"linger": settings.close_timeout}),
         ws_max_size=settings.max_message_bytes,
+        ws_ping_interval=settings.ping_interval,
+        ws_ping_timeout=settings.ping_timeout,
         # Compression would cost a deflate per message per socket instead of one encoding.
         ws_per_message_deflate=False,
         timeout_graceful_shutdown=settings.shutdown_timeout,
@@ -182,13 +185,46 @@ def bind(settings: Settings) -> socket.socket:
     return sock
 
 
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, draining the app before it stops on the first SIGINT or SIGTERM.
+
+    The first signal asks the app to drain (see ``Broadcaster.request_drain``), which sets
+    ``should_exit`` once outboxes have flushed; a second signal stops at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[Callable[[], None]], None] | None):
+        super().__init__(config)
+        self._drain = drain
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Unlike uvicorn's own handler, this one does not record the signal, so uvicorn does
+        # not raise it again after shutting down and a graceful stop exits with status 0.
+        if self._drain is None or self._loop is None or self._draining:
+            self.force_exit = self._draining
+            self.should_exit = True
+            return
+        self._draining = True
+        # Signal handlers run between bytecodes: hand the work to the event loop.
+        self._loop.call_soon_threadsafe(self._drain, self._drained)
+
+    def _drained(self) -> None:
+        self.should_exit = True
+
+
 def run(settings: Settings, make_app: Callable[[Callable[[], None]], Any]) -> int:
     """Serve an app until SIGINT or SIGTERM and return the process's exit status.
 
     Args:
         settings: where to bind and how to serve.
         make_app: builds the ASGI app; it is given the callback that stops the server, for
-            :class:`broadcaster.app.Broadcaster`'s ``on_hub_failure``.
+            :class:`broadcaster.app.Broadcaster`'s ``on_hub_failure``. When the app's
+            ``state.broadcaster`` is a Broadcaster, the first signal drains it first.
 
     Raises:
         OSError: the address cannot be bound.
@@ -202,11 +238,11 @@ def run(settings: Settings, make_app: Callable[[Callable[[], None]], Any]) -> in
         hub_failed = True
         server.should_exit = True
 
-    server = uvicorn.Server(uvicorn_config(make_app(stop_on_hub_failure), settings))
-    # uvicorn re-raises the signal that stopped it once it has shut down; absorbing it here
-    # lets a graceful stop exit with status 0.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: None)
+    app = make_app(stop_on_hub_failure)
+    live = getattr(getattr(app, "state", None), "broadcaster", None)
+    server = _DrainingServer(
+        uvicorn_config(app, settings), live.request_drain if live is not None else None
+    )
     logger.info(
         "server_starting", host=settings.host, port=sock.getsockname()[1], open_files=open_files
     )

@@ -75,6 +75,22 @@ class Settings(BaseSettings):
     hub_mailbox_size: PositiveInt = Field(
         10_000, description="Commands queued for the hub before publishers are pushed back."
     )
+    ping_interval: PositiveFloat = Field(
+        20.0, description="Seconds between protocol-level pings to each client."
+    )
+    ping_timeout: PositiveFloat = Field(
+        20.0, description="Seconds a client has to answer a ping before it is closed."
+    )
+    idle_timeout: PositiveFloat = Field(
+        300.0,
+        description="Seconds a multiplexed connection may have no subscription and send "
+        "nothing before it is closed with 1008.",
+    )
+    drain_timeout: PositiveFloat = Field(
+        10.0,
+        description="Seconds outboxes get to flush after SIGTERM before every socket is "
+        "closed with 1001.",
+    )
     shutdown_timeout: PositiveInt = Field(
         5, description="Seconds given to open connections to close on shutdown."
     )

@@ -210,7 +210,7 @@ async def test_receipts_report_seq_and_subscribers() -> None:
             ("t", 2, 2),
             ("t", 3, 2),
         ]
-        assert hub.statistics().published == 3
+        assert hub.statistics().published == {"app": 3}
 
 
 async def test_publish_without_subscribers_gets_seq_zero() -> None:
@@ -223,7 +223,7 @@ async def test_publish_without_subscribers_gets_seq_zero() -> None:
         assert (result.topic, result.seq, result.subscribers) == ("empty", 0, 0)
         stats = hub.statistics()
         assert "empty" not in stats.topics
-        assert stats.published == 1
+        assert stats.published == {"app": 1}
         assert await take(subscriber, 1) == ['{"op":"subscribed","topic":"elsewhere"}']
         assert queued(subscriber) == 0
 
