@@ -160,9 +160,13 @@ class Tally:
         bins[min(max(index, 0), len(bins) - 1)] += 1
 
 
-def close_code_of(code: WSCloseCode | int) -> int:
-    """Return a close code as a number, whether or not picows has a name for it."""
-    return code.value if isinstance(code, WSCloseCode) else int(code)
+def answer_close(transport: WSTransport, frame: WSFrame) -> tuple[int, str]:
+    """Echo the server's close frame, drop the connection, and return its code and reason."""
+    code = frame.get_close_code()
+    transport.send_close(code)
+    transport.disconnect()
+    number = code.value if isinstance(code, WSCloseCode) else int(code)
+    return number, frame.get_close_reason() or ""
 
 
 class Receiver(WSListener):
@@ -224,13 +228,11 @@ class Receiver(WSListener):
             if self.target is not None and self.tally.last_counter >= self.target:
                 self.finished.set()
         elif msg_type is WSMsgType.CLOSE:
-            if not self.left:
+            if self.left:
+                transport.disconnect()
+            else:
                 # The server closed first: this is the code and reason the report shows.
-                code = frame.get_close_code()
-                self.close_code = close_code_of(code)
-                self.close_reason = frame.get_close_reason() or ""
-                transport.send_close(code)
-            transport.disconnect()
+                self.close_code, self.close_reason = answer_close(transport, frame)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         """Stop waiting on a connection that has ended."""

@@ -20,7 +20,7 @@ import anyio
 from picows import WSCloseCode, WSListener, WSMsgType
 
 from broadcaster.protocol import Mode
-from broadcaster.stress.clients import close_code_of, connect, message_data
+from broadcaster.stress.clients import answer_close, connect, message_data
 
 if TYPE_CHECKING:
     import httpx
@@ -102,11 +102,7 @@ class _Writer(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         """Answer a close frame; drop anything else (raw sockets get their own messages)."""
         if frame.msg_type is WSMsgType.CLOSE and self.close_code is None:
-            code = frame.get_close_code()
-            self.close_code = close_code_of(code)
-            self.close_reason = frame.get_close_reason() or ""
-            transport.send_close(code)
-            transport.disconnect()
+            self.close_code, self.close_reason = answer_close(transport, frame)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         """Wake a sender waiting for room on a connection that is gone."""
