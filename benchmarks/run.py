@@ -62,6 +62,18 @@ def deliveries_per_second(report: Report) -> float:
     return float(kind.delivered / window) if window else 0.0
 
 
+def delivery_row(scenario: str, figure: str, classic: Report, ours: Report) -> Row:
+    """The fast clients' delivery in both servers; broadcaster's must be complete."""
+    return Row(
+        scenario,
+        figure,
+        percent(fast(classic).delivery),
+        percent(fast(ours).delivery),
+        "100%",
+        fast(ours).delivery == 1,
+    )
+
+
 def run(label: str, server: tuple[str, ...], scenario: Scenario) -> Report:
     """Run one scenario against one server, saying so on stderr."""
     print(f"bench: {label}", file=sys.stderr, flush=True)
@@ -80,14 +92,7 @@ def isolation(reports: dict[str, Report]) -> list[Row]:
     clean_p99 = fast(clean).latency.p99
     our_p99 = fast(ours).latency.p99
     return [
-        Row(
-            "isolation",
-            "fast clients' delivery",
-            percent(fast(classic).delivery),
-            percent(fast(ours).delivery),
-            "100%",
-            fast(ours).delivery == 1,
-        ),
+        delivery_row("isolation", "fast clients' delivery", classic, ours),
         Row(
             "isolation",
             "fast clients' p99 latency (ms)",
@@ -115,14 +120,7 @@ def memory(reports: dict[str, Report]) -> list[Row]:
             ">= 19.8 (of 20)",
             ours.publisher.achieved_rate >= 19.8,
         ),
-        Row(
-            "memory",
-            "fast clients' delivery",
-            percent(fast(classic).delivery),
-            percent(fast(ours).delivery),
-            "100%",
-            fast(ours).delivery == 1,
-        ),
+        delivery_row("memory", "fast clients' delivery", classic, ours),
         Row(
             "memory",
             "server RSS growth (MiB)",
@@ -216,14 +214,7 @@ def connections(reports: dict[str, Report]) -> list[Row]:
 
     theirs, mine = per_connection(classic), per_connection(ours)
     return [
-        Row(
-            "connections",
-            "delivery to 10,000 idle clients",
-            percent(fast(classic).delivery),
-            percent(fast(ours).delivery),
-            "100%",
-            fast(ours).delivery == 1,
-        ),
+        delivery_row("connections", "delivery to 10,000 idle clients", classic, ours),
         Row(
             "connections",
             "server RSS per connection (KiB)",
