@@ -19,12 +19,15 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
     from broadcaster.protocol import Frame
+    from broadcaster.writer import Lane
 
 GUARD = 10
 
 
 class FakeSocket:
     """A socket whose client is the test: it feeds messages in and reads frames out."""
+
+    lane: Lane | None = None
 
     def __init__(self, *, fail_on_receive: bool = False) -> None:
         self.to_server, self._incoming = anyio.create_memory_object_stream[str | bytes | None](100)
@@ -41,9 +44,6 @@ class FakeSocket:
             return self._incoming.receive_nowait()
         except anyio.WouldBlock:
             return await self._incoming.receive()
-
-    def writable(self) -> bool:
-        return True
 
     async def send(self, frames: Sequence[Frame]) -> None:
         self.frames.extend(frames)
