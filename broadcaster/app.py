@@ -26,7 +26,7 @@ from broadcaster.settings import Settings
 from broadcaster.writer import Writer
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     from broadcaster.outbox import OutboxStatistics
     from broadcaster.protocol import Frame
@@ -75,8 +75,9 @@ class Broadcaster:
 
     Args:
         settings: queue bounds, policies and timeouts.
-        on_hub_failure: called if the hub crashes; the CLI uses it to stop the server, since
-            a server whose hub is gone would accept connections that never receive anything.
+        on_hub_failure: called if the hub or the writer crashes; the CLI uses it to stop the
+            server, since a server without them would accept connections that never receive
+            anything.
 
     Mount it into an existing app::
 
@@ -106,10 +107,10 @@ class Broadcaster:
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
-        """Run the hub for as long as the context is open."""
+        """Run the hub and the writer for as long as the context is open."""
         async with anyio.create_task_group() as tg:
-            await tg.start(self._supervise)
-            await tg.start(self.writer.run)
+            await tg.start(self._supervise, "hub", self.hub.run)
+            await tg.start(self._supervise, "writer", self.writer.run)
             tg.start_soon(self._drain_when_asked)
             yield
             tg.cancel_scope.cancel()
@@ -145,11 +146,17 @@ class Broadcaster:
         """
         await self.hub.publish(validate_topic(topic), Payload.from_data(data))
 
-    async def _supervise(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    async def _supervise(
+        self,
+        actor: str,
+        run: Callable[..., Awaitable[None]],
+        *,
+        task_status: anyio.abc.TaskStatus[None],
+    ) -> None:
         try:
-            await self.hub.run(task_status=task_status)
+            await run(task_status=task_status)
         except Exception:
-            get_logger("broadcaster.hub").exception("hub_crashed")
+            get_logger("broadcaster.app").exception("actor_crashed", actor=actor)
             self._on_hub_failure()
             raise
 

@@ -8,11 +8,14 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
+from broadcaster.app import Broadcaster
 from broadcaster.errors import LagCause, SlowConsumer
 from broadcaster.outbox import Outbox
 from broadcaster.policy import Overflow
 from broadcaster.protocol import Frame
+from broadcaster.settings import Settings
 from broadcaster.writer import BATCH_BYTES, Writer
 from tests.support import wait_until
 
@@ -185,3 +188,24 @@ async def test_a_broken_lane_closes_its_outbox_and_spares_the_others() -> None:
         await wait_until(lambda: writer.statistics().written == 1)
     assert dead.statistics().closed
     assert log == [("alive", Frame.of("kept").wire)]
+
+
+class ExplodingLane(FakeLane):
+    """A lane whose write fails in a way the writer does not expect."""
+
+    def write(self, wire: bytes) -> None:
+        raise RuntimeError("transport exploded")
+
+
+async def test_a_crashing_writer_is_logged_and_stops_the_server() -> None:
+    """The app supervises its writer as it does its hub: a crash is logged and reported."""
+    failures: list[str] = []
+    live = Broadcaster(Settings(), on_hub_failure=lambda: failures.append("stop"))
+    with capture_logs() as logs, pytest.RaisesGroup(RuntimeError), anyio.fail_after(10):
+        async with live.lifespan():
+            outbox = attach(live.writer, ExplodingLane("boom", []))
+            outbox.send_nowait(Frame.of("x"))
+            await anyio.sleep_forever()
+    assert failures == ["stop"]
+    crashes = [e for e in logs if e["event"] == "actor_crashed"]
+    assert [(e["actor"], e["log_level"]) for e in crashes] == [("writer", "error")]
