@@ -8,11 +8,13 @@ lose it) and the socket is closed with the code that says why.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
+from broadcaster.auth import FULL, Grant
 from broadcaster.errors import (
     CloseCode,
     Closing,
@@ -25,7 +27,9 @@ from broadcaster.errors import (
 from broadcaster.hub import Hub, Source, Subscriber
 from broadcaster.metrics import Totals
 from broadcaster.outbox import Outbox
+from broadcaster.policy import TokenBucket
 from broadcaster.protocol import (
+    Command,
     Frame,
     Mode,
     Payload,
@@ -78,6 +82,8 @@ class Connection:
         settings: queue bounds, policy and timeouts.
         logger: bound to this connection's ``conn_id`` and ``peer``.
         topic: the topic a raw-mode socket is subscribed to; ``None`` for multiplexed mode.
+        grant: what the client's credential allows, and until when; past its expiry the
+            connection is closed with 1008 ``token expired``.
         fastlane: whether the socket writes frames through the fastlane; logged on opening.
         conn_id, peer: how operators tell this connection from others.
         totals: where the connection adds what it did when it ends, for the metrics.
@@ -91,6 +97,7 @@ class Connection:
         logger: FilteringBoundLogger,
         topic: str | None = None,
         *,
+        grant: Grant = FULL,
         fastlane: bool = False,
         conn_id: str = "",
         peer: str | None = None,
@@ -104,6 +111,19 @@ class Connection:
         self._log = logger
         self._topic = topic
         self._fastlane = fastlane
+        self._grant = grant
+        self._client_publish = settings.client_publish
+        self._max_message_bytes = settings.max_message_bytes
+        self._max_subscriptions = settings.max_subscriptions
+        # The topics subscribed to once the hub has taken every command sent: the reader
+        # alone sends them, so it knows before the hub does (and a burst cannot overshoot).
+        self._requested: set[str] = set()
+        now = time.monotonic()
+        rate = settings.max_messages_per_second
+        self._frames = TokenBucket.full(rate, max(1.0, rate), now)
+        self._bytes = TokenBucket.full(
+            settings.max_bytes_per_second, settings.max_bytes_per_second, now
+        )
         # The task group's scope once it runs; the outbox cancels it when it fails, since the
         # sender may be blocked in a socket write.
         self._scope: anyio.CancelScope | None = None
@@ -142,8 +162,12 @@ class Connection:
                 if self._topic is not None:
                     await self._hub.subscribe(self._subscriber, self._topic)
                 tg.start_soon(self._send_loop, tg.cancel_scope)
-                # The reader is the group's host task: one task fewer per connection.
-                await self._read_loop(tg.cancel_scope)
+                # The reader is the group's host task: one task fewer per connection. Its
+                # scope ends when the client's token does.
+                with anyio.CancelScope(deadline=self._expiry()) as expiry:
+                    await self._read_loop(tg.cancel_scope)
+                if expiry.cancelled_caught:
+                    raise Closing(CloseCode.POLICY_VIOLATION, "token expired")
         except* HubStopped:
             closing = Closing(CloseCode.INTERNAL_ERROR, "hub stopped")
         except* Closing as group:
@@ -186,14 +210,24 @@ class Connection:
                 raise Closing(CloseCode.POLICY_VIOLATION, "idle timeout")
         return await self._socket.receive()
 
+    def _expiry(self) -> float:
+        if self._grant.expires is None:
+            return math.inf
+        return anyio.current_time() + self._grant.expires - time.time()
+
     async def _read_loop(self, scope: anyio.CancelScope) -> None:
+        raw_refusal = None if self._topic is None else self._raw_publish_refusal(self._topic)
         while (message := await self._receive()) is not None:
+            self._check_rate(message)
             if self._topic is not None:
+                if raw_refusal is not None:
+                    raise raw_refusal
                 await self._publish(self._topic, Payload(message))
                 continue
             await self.outbox.wait_control_room(CONTROL_BACKLOG)
             try:
                 command = parse_frame(message)
+                self._authorize(command)
             except ProtocolError as error:
                 self.outbox.send_nowait(error_frame(error))
                 continue
@@ -202,10 +236,61 @@ class Connection:
             elif isinstance(command, Publish):
                 await self._publish(command.topic, command.payload)
             elif isinstance(command, Subscribe):
+                self._requested.add(command.topic)
                 await self._hub.subscribe(self._subscriber, command.topic)
             else:
+                self._requested.discard(command.topic)
                 await self._hub.unsubscribe(self._subscriber, command.topic)
         scope.cancel()
+
+    def _check_rate(self, message: str | bytes) -> None:
+        """Hold the client to the frame size and its frames and bytes a second.
+
+        Raises:
+            Closing: 1009 ``message too big`` (uvicorn says so first; this is for other
+                servers), 1008 ``rate limit exceeded``.
+        """
+        if isinstance(message, str) and not message.isascii():
+            size = len(message.encode())
+        else:
+            size = len(message)
+        if size > self._max_message_bytes:
+            raise Closing(CloseCode.MESSAGE_TOO_BIG, "message too big")
+        now = time.monotonic()
+        if not (self._frames.take(1, now) and self._bytes.take(size, now)):
+            raise Closing(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+
+    def _raw_publish_refusal(self, topic: str) -> Closing | None:
+        """What closes a raw-mode socket that sends a frame it may not publish."""
+        if not self._client_publish:
+            return Closing(CloseCode.POLICY_VIOLATION, "publishing disabled")
+        if not self._grant.publish.matches(topic):
+            return Closing(CloseCode.POLICY_VIOLATION, "publishing not permitted")
+        return None
+
+    def _authorize(self, command: Command) -> None:
+        """Check a multiplexed command against the grant and the limits.
+
+        Raises:
+            ProtocolError: ``publish_disabled``, ``forbidden_topic`` or
+                ``too_many_subscriptions``.
+        """
+        if isinstance(command, Publish):
+            if not self._client_publish:
+                raise ProtocolError("publish_disabled", "this server takes no client publishes")
+            if not self._grant.publish.matches(command.topic):
+                raise ProtocolError("forbidden_topic", "the token does not allow publishing here")
+        elif isinstance(command, Subscribe):
+            if not self._grant.subscribe.matches(command.topic):
+                raise ProtocolError("forbidden_topic", "the token does not allow this topic")
+            if (
+                command.topic not in self._requested
+                and len(self._requested) >= self._max_subscriptions
+            ):
+                raise ProtocolError(
+                    "too_many_subscriptions",
+                    f"a connection subscribes to at most {self._max_subscriptions} topics",
+                )
 
     async def _publish(self, topic: str, payload: Payload) -> None:
         # Without a checkpoint while the mailbox has room: the reader then passes on every

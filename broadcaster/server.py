@@ -13,6 +13,8 @@ says 1001, and a bad frame is answered with wsproto's code (1007 for text that i
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import resource
 import socket
 from contextlib import suppress
@@ -46,6 +48,21 @@ MAX_OPEN_FILES = 1 << 20
 
 # A close frame's reason is at most 123 bytes (RFC 6455, section 5.5).
 MAX_REASON_BYTES = 123
+
+
+class HideQueryStrings(logging.Filter):
+    """Cut the query string off the paths uvicorn logs for each handshake.
+
+    A browser's token travels in the ``token`` query parameter, and tokens must never reach a
+    log. :func:`uvicorn_config` installs it on uvicorn's logger.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and '"WebSocket %s"' in str(record.msg):
+            record.args = tuple(
+                arg.partition("?")[0] if isinstance(arg, str) else arg for arg in record.args
+            )
+        return True
 
 
 class FastLane:
@@ -155,6 +172,9 @@ class WSProtocol(UvicornWSProtocol):
 
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     """Build the uvicorn configuration that serves ``app`` as ``settings`` say."""
+    uvicorn_logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, HideQueryStrings) for f in uvicorn_logger.filters):
+        uvicorn_logger.addFilter(HideQueryStrings())
     return uvicorn.Config(
         app,
         host=settings.host,
@@ -246,8 +266,25 @@ def run(settings: Settings, make_app: Callable[[Callable[[], None]], Any]) -> in
     logger.info(
         "server_starting", host=settings.host, port=sock.getsockname()[1], open_files=open_files
     )
+    if settings.publish_open and not is_loopback(settings.host):
+        logger.warning(
+            "unauthenticated_bind",
+            host=settings.host,
+            detail="anyone who can reach this address may publish and subscribe; set "
+            "BROADCASTER_PUBLISH_TOKENS and a JWT key (see the README's Security section)",
+        )
     server.run(sockets=[sock])
     return 1 if hub_failed or not server.started else 0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def _raise_open_files_limit() -> int:
