@@ -7,12 +7,15 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import jwt
 import uvicorn
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from websockets.asyncio.client import ClientConnection, connect
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Message, Request, TextMessage
@@ -25,9 +28,38 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
 
     from anyio.abc import SocketStream
+    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 # How often wait_until looks again; the deadline, not this, bounds the wait.
 POLL_INTERVAL = 0.005
+# Credentials for servers that require them.
+PUBLISH_TOKEN = "publish-token-0123456789"
+JWT_SECRET = "jwt-secret-" + "0123456789" * 6
+
+
+def token(
+    *,
+    subscribe: object = None,
+    publish: object = None,
+    lifetime: float | None = 3600,
+    secret: str = JWT_SECRET,
+    algorithm: str = "HS256",
+) -> str:
+    """Sign a JWT with these topic claims, expiring ``lifetime`` seconds from now (never
+    when ``None``); a claim that is ``None`` is left out."""
+    claims: dict[str, object] = {"sub": "test"}
+    if subscribe is not None:
+        claims["subscribe"] = subscribe
+    if publish is not None:
+        claims["publish"] = publish
+    if lifetime is not None:
+        claims["exp"] = int(time.time() + lifetime)
+    return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+def pem(key: PublicKeyTypes) -> str:
+    """The PEM text of a public key."""
+    return key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
 
 
 async def wait_until(predicate: Callable[[], bool], deadline: float = 10.0) -> None:
