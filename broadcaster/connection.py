@@ -41,7 +41,7 @@ from broadcaster.protocol import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from structlog.typing import FilteringBoundLogger
 
@@ -87,6 +87,7 @@ class Connection:
         fastlane: whether the socket writes frames through the fastlane; logged on opening.
         conn_id, peer: how operators tell this connection from others.
         totals: where the connection adds what it did when it ends, for the metrics.
+        clock: monotonic seconds, for the rate limits; tests pass a clock of their own.
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class Connection:
         conn_id: str = "",
         peer: str | None = None,
         totals: Totals | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._socket = socket
         self._hub = hub
@@ -118,7 +120,8 @@ class Connection:
         # The topics subscribed to once the hub has taken every command sent: the reader
         # alone sends them, so it knows before the hub does (and a burst cannot overshoot).
         self._requested: set[str] = set()
-        now = time.monotonic()
+        self._clock = clock
+        now = clock()
         rate = settings.max_messages_per_second
         self._frames = TokenBucket.full(rate, max(1.0, rate), now)
         self._bytes = TokenBucket.full(
@@ -256,7 +259,7 @@ class Connection:
             size = len(message)
         if size > self._max_message_bytes:
             raise Closing(CloseCode.MESSAGE_TOO_BIG, "message too big")
-        now = time.monotonic()
+        now = self._clock()
         if not (self._frames.take(1, now) and self._bytes.take(size, now)):
             raise Closing(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
 
