@@ -124,6 +124,11 @@ class Broadcaster:
         self._open = 0
         self.router = self._routes()
 
+    @property
+    def connections(self) -> int:
+        """WebSocket connections admitted and not yet ended."""
+        return self._open
+
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
         """Run the hub for as long as the context is open."""

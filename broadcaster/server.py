@@ -266,6 +266,13 @@ def run(settings: Settings, make_app: Callable[[Callable[[], None]], Any]) -> in
     logger.info(
         "server_starting", host=settings.host, port=sock.getsockname()[1], open_files=open_files
     )
+    warn_if_unauthenticated(settings)
+    server.run(sockets=[sock])
+    return 1 if hub_failed or not server.started else 0
+
+
+def warn_if_unauthenticated(settings: Settings) -> None:
+    """Log a warning when a server that anyone may publish to binds a non-loopback address."""
     if settings.publish_open and not is_loopback(settings.host):
         logger.warning(
             "unauthenticated_bind",
@@ -273,8 +280,6 @@ def run(settings: Settings, make_app: Callable[[Callable[[], None]], Any]) -> in
             detail="anyone who can reach this address may publish and subscribe; set "
             "BROADCASTER_PUBLISH_TOKENS and a JWT key (see the README's Security section)",
         )
-    server.run(sockets=[sock])
-    return 1 if hub_failed or not server.started else 0
 
 
 def is_loopback(host: str) -> bool:

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import jwt
+import pytest
 import uvicorn
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Message, Request, TextMessage
 
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 
     from anyio.abc import SocketStream
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+    from websockets.datastructures import Headers
 
 # How often wait_until looks again; the deadline, not this, bounds the wait.
 POLL_INTERVAL = 0.005
@@ -132,6 +135,15 @@ async def client(
         options.setdefault("max_queue", 1)
     async with connect(url, sock=sock, proxy=None, compression=None, **options) as connection:
         yield connection
+
+
+async def handshake_refusal(url: str, **options: Any) -> tuple[int, str | None, Headers]:
+    """Attempt a handshake that must be refused; return its status, error code and headers."""
+    with pytest.raises(InvalidStatus) as refused:
+        async with client(url, **options):
+            pass
+    response = refused.value.response
+    return response.status_code, json.loads(response.body or b"{}").get("error"), response.headers
 
 
 async def receive_json(connection: ClientConnection) -> Any:
