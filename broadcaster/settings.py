@@ -209,6 +209,11 @@ class Settings(BaseSettings):
         description="WebSocket handshakes a second from one client address (a second's worth "
         "in a burst); past it they get 429.",
     )
+    handshake_timeout: PositiveFloat = Field(
+        10.0,
+        description="Seconds a new TCP connection has to send a whole HTTP request head (a "
+        "WebSocket handshake or a publish) before it is dropped.",
+    )
     handshake_addresses: PositiveInt = Field(
         10_000,
         description="Client addresses whose handshake rate is tracked; the least recently "
