@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Message, Request, TextMessage
 
@@ -144,6 +144,15 @@ async def handshake_refusal(url: str, **options: Any) -> tuple[int, str | None, 
             pass
     response = refused.value.response
     return response.status_code, json.loads(response.body or b"{}").get("error"), response.headers
+
+
+async def closed_after(connection: ClientConnection, frame: str | bytes) -> tuple[int, str]:
+    """Send ``frame``, read until the server closes, and return the close code and reason."""
+    await connection.send(frame)
+    with anyio.fail_after(10), suppress(ConnectionClosed):
+        async for _ in connection:
+            pass
+    return connection.close_code or 0, connection.close_reason or ""
 
 
 async def receive_json(connection: ClientConnection) -> Any:

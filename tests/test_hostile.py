@@ -29,6 +29,7 @@ from tests.support import (
     LiveServer,
     RawClient,
     client,
+    closed_after,
     handshake_refusal,
     receive_envelopes,
     receive_json,
@@ -206,9 +207,7 @@ async def flooder(live: LiveServer) -> None:
 async def oversized(live: LiveServer) -> None:
     """Send one frame over the size limit and expect 1009."""
     async with client(live.ws_url(f"/ws/feed?token={READER}")) as connection:
-        await connection.send("x" * 4097)
-        await drain(connection)
-    assert connection.close_code == 1009
+        assert (await closed_after(connection, "x" * 4097))[0] == 1009
 
 
 async def half_open(live: LiveServer) -> None:
