@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
 
     from anyio.abc import SocketStream
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
     from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
     from websockets.datastructures import Headers
 
@@ -45,11 +46,12 @@ def token(
     subscribe: object = None,
     publish: object = None,
     lifetime: float | None = 3600,
-    secret: str = JWT_SECRET,
+    secret: str | EllipticCurvePrivateKey = JWT_SECRET,
     algorithm: str = "HS256",
 ) -> str:
     """Sign a JWT with these topic claims, expiring ``lifetime`` seconds from now (never
-    when ``None``); a claim that is ``None`` is left out."""
+    when ``None``); a claim that is ``None`` is left out. ``secret`` is an HS* secret or an
+    ES256 private key."""
     claims: dict[str, object] = {"sub": "test"}
     if subscribe is not None:
         claims["subscribe"] = subscribe

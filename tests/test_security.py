@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import anyio
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from structlog.testing import capture_logs
+from websockets.exceptions import InvalidStatus
 
 from broadcaster.server import warn_if_unauthenticated
 from broadcaster.settings import Settings
@@ -18,6 +21,7 @@ from tests.support import (
     client,
     closed_after,
     handshake_refusal,
+    pem,
     receive_envelopes,
     receive_json,
     running_server,
@@ -208,3 +212,67 @@ def test_an_open_server_on_a_public_address_warns_at_start(
     with capture_logs() as logs:
         warn_if_unauthenticated(settings)
     assert [e["event"] for e in logs] == (["unauthenticated_bind"] if warned else [])
+
+
+def production_environment(key_file: Path) -> dict[str, str]:
+    """The README's recommended production variables, with this test's secrets filled in."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Recommended production configuration", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    filled = {
+        "BROADCASTER_HOST": "127.0.0.1",
+        "BROADCASTER_PUBLISH_TOKENS": PUBLISH_TOKEN,
+        "BROADCASTER_JWT_PUBLIC_KEY": str(key_file),
+    }
+    variables = dict(line.split("=", 1) for line in block.splitlines() if line)
+    return {k: filled.get(k, v) for k, v in variables.items() if k.startswith("BROADCASTER_")}
+
+
+async def test_the_readme_production_configuration_refuses_every_unauthenticated_try(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Configured as the README advises, the server refuses anonymous publishing and
+    subscribing, foreign origins, client publishing, floods and handshake storms, while a
+    client with a valid JWT receives what a publish token holder publishes."""
+    private_key = ec.generate_private_key(ec.SECP256R1())
+    key_file = tmp_path / "jwt-public.pem"
+    key_file.write_text(pem(private_key.public_key()))
+    for name, value in production_environment(key_file).items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(log_format="json")
+    assert (settings.allowed_origins, settings.client_publish) == (("https://app.example",), False)
+    credential = token(subscribe=["news.*"], publish=["news.eu"], secret=private_key, algorithm="ES256")
+    async with (
+        running_server(settings) as live,
+        httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http,
+        client(live.ws_url(f"/ws?token={credential}"), origin="https://app.example") as reader,
+    ):
+        await subscribe(reader, "news.eu")
+        anonymous_publish = await http.post("/publish/news.eu", content="x")
+        assert anonymous_publish.status_code == 401
+        assert (await handshake_refusal(live.ws_url("/ws/news.eu")))[:2] == (403, "missing_token")
+        foreign = await handshake_refusal(
+            live.ws_url(f"/ws?token={credential}"), origin="https://evil.example"
+        )
+        assert foreign[:2] == (403, "origin_not_allowed")
+        await reader.send('{"op": "publish", "topic": "news.eu", "data": "x"}')
+        assert (await receive_json(reader))["error"] == "publish_disabled"
+        await reader.send('{"op": "subscribe", "topic": "admin"}')
+        assert (await receive_json(reader))["error"] == "forbidden_topic"
+        published = await http.post("/publish/news.eu", json="real", headers=AUTH)
+        assert published.json() == {"topic": "news.eu", "seq": 1, "subscribers": 1}
+        assert await receive_envelopes(reader, 1) == [
+            {"topic": "news.eu", "seq": 1, "data": "real"}
+        ]
+        async with client(live.ws_url(f"/ws?token={credential}")) as flooder:
+            for _ in range(int(settings.max_messages_per_second)):
+                await flooder.send('{"op": "ping"}')
+            assert await closed_after(flooder, '{"op": "ping"}') == (1008, "rate limit exceeded")
+        refused = []
+        for _ in range(int(settings.max_handshakes_per_second) + 1):
+            try:
+                async with client(live.ws_url(f"/ws?token={credential}")):
+                    pass
+            except InvalidStatus as error:
+                refused.append(error.response.status_code)
+        assert 429 in refused
