@@ -241,7 +241,9 @@ async def test_the_readme_production_configuration_refuses_every_unauthenticated
         monkeypatch.setenv(name, value)
     settings = Settings(log_format="json")
     assert (settings.allowed_origins, settings.client_publish) == (("https://app.example",), False)
-    credential = token(subscribe=["news.*"], publish=["news.eu"], secret=private_key, algorithm="ES256")
+    credential = token(
+        subscribe=["news.*"], publish=["news.eu"], secret=private_key, algorithm="ES256"
+    )
     async with (
         running_server(settings) as live,
         httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http,
