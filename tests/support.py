@@ -148,12 +148,30 @@ async def handshake_refusal(url: str, **options: Any) -> tuple[int, str | None, 
     return response.status_code, json.loads(response.body or b"{}").get("error"), response.headers
 
 
+async def drain(connection: ClientConnection) -> None:
+    """Read whatever the server sends until it closes the connection."""
+    with anyio.fail_after(30), suppress(ConnectionClosed):
+        async for _ in connection:
+            pass
+
+
 async def closed_after(connection: ClientConnection, frame: str | bytes) -> tuple[int, str]:
     """Send ``frame``, read until the server closes, and return the close code and reason."""
     await connection.send(frame)
-    with anyio.fail_after(10), suppress(ConnectionClosed):
-        async for _ in connection:
-            pass
+    await drain(connection)
+    return connection.close_code or 0, connection.close_reason or ""
+
+
+async def flood(url: str, frame: str = '{"op": "ping"}', limit: int = 10_000) -> tuple[int, str]:
+    """Connect and send ``frame`` without pause, reading what comes back, until the server
+    closes the connection (at most ``limit`` times); return the close code and reason."""
+    async with client(url) as connection, anyio.create_task_group() as tg:
+        tg.start_soon(drain, connection)
+        with suppress(ConnectionClosed):
+            for _ in range(limit):
+                await connection.send(frame)
+                # A send that fits the buffer does not yield: let the client read the close.
+                await anyio.lowlevel.checkpoint()
     return connection.close_code or 0, connection.close_reason or ""
 
 

@@ -9,7 +9,6 @@ import random
 import socket
 import struct
 from contextlib import AsyncExitStack, suppress
-from typing import TYPE_CHECKING
 
 import anyio
 import httpx
@@ -30,6 +29,8 @@ from tests.support import (
     RawClient,
     client,
     closed_after,
+    drain,
+    flood,
     handshake_refusal,
     receive_envelopes,
     receive_json,
@@ -38,9 +39,6 @@ from tests.support import (
     token,
     wait_until,
 )
-
-if TYPE_CHECKING:
-    from websockets.asyncio.client import ClientConnection
 
 # The error codes the README documents for a frame the parser cannot take.
 PARSE_ERRORS = {
@@ -173,13 +171,6 @@ def random_frame(rng: random.Random) -> str | bytes:
     return json.dumps({"op": "ping"})
 
 
-async def drain(connection: ClientConnection) -> None:
-    """Read what the server sends until it closes, so that the fuzzer never stalls it."""
-    with suppress(ConnectionClosed):
-        async for _ in connection:
-            pass
-
-
 async def fuzzer(live: LiveServer, seed: int, closes: list[int]) -> None:
     """Send random frames with a subscribe-only token; record how the server closed."""
     rng = random.Random(seed)
@@ -195,13 +186,7 @@ async def fuzzer(live: LiveServer, seed: int, closes: list[int]) -> None:
 
 async def flooder(live: LiveServer) -> None:
     """Send pings without pause until the rate limit closes the connection with 1008."""
-    async with client(live.ws_url(f"/ws?token={READER}")) as connection:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(drain, connection)
-            with suppress(ConnectionClosed):
-                for _ in range(10_000):
-                    await connection.send('{"op": "ping"}')
-    assert (connection.close_code, connection.close_reason) == (1008, "rate limit exceeded")
+    assert await flood(live.ws_url(f"/ws?token={READER}")) == (1008, "rate limit exceeded")
 
 
 async def oversized(live: LiveServer) -> None:
