@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, WebSocket
@@ -25,12 +25,14 @@ from broadcaster.metrics import CONTENT_TYPE_LATEST, Metrics
 from broadcaster.policy import AddressLimiter
 from broadcaster.protocol import Payload, parse_json_body, validate_topic
 from broadcaster.settings import Settings
+from broadcaster.writer import Writer
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
 
     from broadcaster.outbox import OutboxStatistics
     from broadcaster.protocol import Frame
+    from broadcaster.writer import Lane
 
 # Seconds a refused client is told to wait before it tries again.
 RETRY = {"Retry-After": "1"}
@@ -39,16 +41,17 @@ RETRY = {"Retry-After": "1"}
 class _StarletteSocket:
     """The :class:`broadcaster.connection.Socket` over a Starlette WebSocket.
 
-    Frames go through the fastlane when the server offers one (see
-    :class:`broadcaster.server.FastLane`), and as plain ASGI messages otherwise; the bytes on
-    the wire are the same.
+    It offers the server's fastlane as its lane when there is one (see
+    :class:`broadcaster.server.FastLane`); its own :meth:`send` writes plain ASGI messages.
+    The bytes on the wire are the same.
     """
+
+    __slots__ = ("_websocket", "lane")
 
     def __init__(self, websocket: WebSocket) -> None:
         self._websocket = websocket
-        lane = websocket.scope.get("extensions", {}).get(FASTLANE)
-        self._lane: _Lane | None = lane["lane"] if lane else None
-        self.fastlane = self._lane is not None
+        extension = websocket.scope.get("extensions", {}).get(FASTLANE)
+        self.lane: Lane | None = extension["lane"] if extension else None
 
     async def receive(self) -> str | bytes | None:
         message = await self._websocket.receive()
@@ -57,14 +60,7 @@ class _StarletteSocket:
         text: str | None = message.get("text")
         return text if text is not None else message["bytes"]
 
-    def writable(self) -> bool:
-        # Plain ASGI says nothing about the transport: assume a send may wait.
-        return self._lane is not None and self._lane.writable()
-
     async def send(self, frames: Sequence[Frame]) -> None:
-        if self._lane is not None:
-            await self._lane.write(b"".join([frame.wire for frame in frames]))
-            return
         try:
             for frame in frames:
                 key = "text" if isinstance(frame.data, str) else "bytes"
@@ -77,12 +73,6 @@ class _StarletteSocket:
             await self._websocket.close(code, reason)
         except (WebSocketDisconnect, OSError, RuntimeError):
             pass  # the client is gone already; there is nobody to tell
-
-
-class _Lane(Protocol):
-    def writable(self) -> bool: ...
-
-    async def write(self, wire: bytes) -> None: ...
 
 
 class Broadcaster:
@@ -108,9 +98,11 @@ class Broadcaster:
         self.hub = Hub(
             mailbox_size=settings.hub_mailbox_size,
             logger=get_logger("broadcaster.hub"),
+            max_subscriptions=settings.max_subscriptions,
             observe_fanout=self.metrics.fanout_seconds.observe,
         )
         self.metrics.watch(self.hub)
+        self.writer = Writer(settings.send_timeout)
         self.draining = False
         self._drain_asked = anyio.Event()
         self._on_drained: Callable[[], None] = lambda: None
@@ -134,6 +126,7 @@ class Broadcaster:
         """Run the hub for as long as the context is open."""
         async with anyio.create_task_group() as tg:
             await tg.start(self._supervise)
+            await tg.start(self.writer.run)
             tg.start_soon(self._drain_when_asked)
             yield
             tg.cancel_scope.cancel()
@@ -200,7 +193,7 @@ class Broadcaster:
                 log,
                 topic,
                 grant=grant,
-                fastlane=socket.fastlane,
+                writer=self.writer,
                 conn_id=conn_id,
                 peer=peer,
                 totals=self.metrics.totals,

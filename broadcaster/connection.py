@@ -1,15 +1,18 @@
-"""One WebSocket connection: a reader and a sender task in one task group.
+"""One WebSocket connection: a reader, and a sender that drains its outbox into the socket.
 
-The reader turns client frames into hub commands; the sender drains the outbox into the
-socket and is the only task that writes to it. Whichever ends first cancels the other; then
-the connection leaves the hub (synchronously, so neither cancellation nor a full mailbox can
-lose it) and the socket is closed with the code that says why.
+The reader turns client frames into hub commands. Where the socket offers a
+:class:`~broadcaster.writer.Lane` (the server's fastlane), the app's shared
+:class:`~broadcaster.writer.Writer` is the sender, and the reader is the connection's only task.
+Elsewhere a sender task of its own drains the outbox, in one task group with the reader, and
+whichever ends first cancels the other. Either way, the connection then leaves the hub
+(synchronously, so neither cancellation nor a full mailbox can lose it) and the socket is
+closed with the code that says why.
 """
 
 from __future__ import annotations
 
-import math
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -39,6 +42,7 @@ from broadcaster.protocol import (
     error_frame,
     parse_frame,
 )
+from broadcaster.writer import BATCH_BYTES
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -46,13 +50,12 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
     from broadcaster.settings import Settings
+    from broadcaster.writer import Lane, Writer
 
 # Control frames a client may have waiting before its reader stops reading from it.
 CONTROL_BACKLOG = 32
 # Seconds a close handshake may take before the socket is given up.
 CLOSE_TIMEOUT = 5.0
-# Bytes the sender takes from its outbox for one write; bounds what it holds outside it.
-BATCH_BYTES = 256 * 1024
 # The ASGI scope extension under which broadcaster's uvicorn protocol offers its FastLane.
 FASTLANE = "broadcaster.fastlane"
 
@@ -60,11 +63,12 @@ FASTLANE = "broadcaster.fastlane"
 class Socket(Protocol):
     """The little a connection needs of a WebSocket; tests pass fakes."""
 
+    @property
+    def lane(self) -> Lane | None:
+        """The socket's write path that never waits, if the server offers one."""
+
     async def receive(self) -> str | bytes | None:
         """Return the next client message, or ``None`` once the client has gone."""
-
-    def writable(self) -> bool:
-        """Whether :meth:`send` would write at once rather than wait for the peer to read."""
 
     async def send(self, frames: Sequence[Frame]) -> None:
         """Write frames in order. Raises ``anyio.BrokenResourceError`` once the client has gone."""
@@ -84,11 +88,34 @@ class Connection:
         topic: the topic a raw-mode socket is subscribed to; ``None`` for multiplexed mode.
         grant: what the client's credential allows, and until when; past its expiry the
             connection is closed with 1008 ``token expired``.
-        fastlane: whether the socket writes frames through the fastlane; logged on opening.
+        writer: the app's shared writer, which serves sockets that offer a lane; without it
+            every connection has a sender task of its own.
         conn_id, peer: how operators tell this connection from others.
         totals: where the connection adds what it did when it ends, for the metrics.
         clock: monotonic seconds, for the rate limits; tests pass a clock of their own.
     """
+
+    # Thousands of idle connections each hold one: no per-instance dict.
+    __slots__ = (
+        "_bytes",
+        "_client_publish",
+        "_clock",
+        "_frames",
+        "_grant",
+        "_hub",
+        "_idle_timeout",
+        "_lane",
+        "_log",
+        "_max_message_bytes",
+        "_scope",
+        "_send_timeout",
+        "_socket",
+        "_subscriber",
+        "_subscribing",
+        "_topic",
+        "_totals",
+        "outbox",
+    )
 
     def __init__(
         self,
@@ -99,7 +126,7 @@ class Connection:
         topic: str | None = None,
         *,
         grant: Grant = FULL,
-        fastlane: bool = False,
+        writer: Writer | None = None,
         conn_id: str = "",
         peer: str | None = None,
         totals: Totals | None = None,
@@ -109,17 +136,14 @@ class Connection:
         self._hub = hub
         self._send_timeout = settings.send_timeout
         self._idle_timeout = settings.idle_timeout
+        # Whether the last subscription command was a subscribe; see _receive.
+        self._subscribing = False
         self._totals = totals or Totals()
         self._log = logger
         self._topic = topic
-        self._fastlane = fastlane
         self._grant = grant
         self._client_publish = settings.client_publish
         self._max_message_bytes = settings.max_message_bytes
-        self._max_subscriptions = settings.max_subscriptions
-        # The topics subscribed to once the hub has taken every command sent: the reader
-        # alone sends them, so it knows before the hub does (and a burst cannot overshoot).
-        self._requested: set[str] = set()
         self._clock = clock
         now = clock()
         rate = settings.max_messages_per_second
@@ -127,7 +151,9 @@ class Connection:
         self._bytes = TokenBucket.full(
             settings.max_bytes_per_second, settings.max_bytes_per_second, now
         )
-        # The task group's scope once it runs; the outbox cancels it when it fails, since the
+        lane = socket.lane if writer is not None else None
+        self._lane = lane
+        # The connection's scope once it runs; the outbox cancels it when it fails, since the
         # sender may be blocked in a socket write.
         self._scope: anyio.CancelScope | None = None
         self.outbox = Outbox(
@@ -137,6 +163,7 @@ class Connection:
             lag_timeout=settings.lag_timeout,
             logger=logger,
             on_fail=self._cancel,
+            on_ready=None if writer is None or lane is None else partial(writer.schedule, lane),
         )
         mode = Mode.MUX if topic is None else Mode.RAW
         self._subscriber = Subscriber(
@@ -155,22 +182,20 @@ class Connection:
             "connection_opened",
             mode=self._subscriber.mode.value,
             topic=self._topic,
-            fastlane=self._fastlane,
+            fastlane=self._lane is not None,
         )
         closing: Closing | None = None
         try:
-            async with anyio.create_task_group() as tg:
-                self._scope = tg.cancel_scope
-                self._hub.join(self._subscriber)
-                if self._topic is not None:
-                    await self._hub.subscribe(self._subscriber, self._topic)
-                tg.start_soon(self._send_loop, tg.cancel_scope)
-                # The reader is the group's host task: one task fewer per connection. Its
-                # scope ends when the client's token does.
-                with anyio.CancelScope(deadline=self._expiry()) as expiry:
-                    await self._read_loop(tg.cancel_scope)
-                if expiry.cancelled_caught:
-                    raise Closing(CloseCode.POLICY_VIOLATION, "token expired")
+            if self._lane is not None:
+                with anyio.CancelScope() as self._scope:
+                    await self._serve_until_expiry()
+            else:
+                async with anyio.create_task_group() as tg:
+                    self._scope = tg.cancel_scope
+                    tg.start_soon(self._send_loop)
+                    # The reader is the group's host task: one task fewer per connection.
+                    await self._serve_until_expiry()
+                    tg.cancel_scope.cancel()
         except* HubStopped:
             closing = Closing(CloseCode.INTERNAL_ERROR, "hub stopped")
         except* Closing as group:
@@ -203,24 +228,30 @@ class Connection:
         totals.dropped += stats.dropped
         totals.sent += stats.sent
 
-    async def _receive(self) -> str | bytes | None:
-        # A multiplexed connection with no subscription that sends nothing for the idle
-        # timeout is closed; the deadline is paid only while it has no subscription.
-        while self._topic is None and not self._subscriber.topics:
-            with anyio.move_on_after(self._idle_timeout):
-                return await self._socket.receive()
-            if not self._subscriber.topics:
-                raise Closing(CloseCode.POLICY_VIOLATION, "idle timeout")
-        return await self._socket.receive()
-
-    def _expiry(self) -> float:
+    async def _serve_until_expiry(self) -> None:
         if self._grant.expires is None:
-            return math.inf
-        return anyio.current_time() + self._grant.expires - time.time()
+            await self._serve()
+            return
+        deadline = anyio.current_time() + self._grant.expires - time.time()
+        with anyio.CancelScope(deadline=deadline) as expiry:
+            await self._serve()
+        if expiry.cancelled_caught:
+            raise Closing(CloseCode.POLICY_VIOLATION, "token expired")
 
-    async def _read_loop(self, scope: anyio.CancelScope) -> None:
+    async def _serve(self) -> None:
+        self._hub.join(self._subscriber)
+        if self._topic is not None:
+            await self._hub.subscribe(self._subscriber, self._topic)
         raw_refusal = None if self._topic is None else self._raw_publish_refusal(self._topic)
-        while (message := await self._receive()) is not None:
+        while True:
+            # The socket is awaited here, not through a helper: a quiet subscriber's reader
+            # waits in this frame for as long as it stays, and every frame costs memory.
+            if self._topic is None and not self._subscriber.topics and not self._subscribing:
+                message = await self._receive_before_idle_timeout()
+            else:
+                message = await self._socket.receive()
+            if message is None:
+                return
             self._check_rate(message)
             if self._topic is not None:
                 if raw_refusal is not None:
@@ -239,12 +270,11 @@ class Connection:
             elif isinstance(command, Publish):
                 await self._publish(command.topic, command.payload)
             elif isinstance(command, Subscribe):
-                self._requested.add(command.topic)
+                self._subscribing = True
                 await self._hub.subscribe(self._subscriber, command.topic)
             else:
-                self._requested.discard(command.topic)
+                self._subscribing = False
                 await self._hub.unsubscribe(self._subscriber, command.topic)
-        scope.cancel()
 
     def _check_rate(self, message: str | bytes) -> None:
         """Hold the client to the frame size and its frames and bytes a second.
@@ -272,28 +302,29 @@ class Connection:
         return None
 
     def _authorize(self, command: Command) -> None:
-        """Check a multiplexed command against the grant and the limits.
+        """Check a multiplexed command against the grant.
 
         Raises:
-            ProtocolError: ``publish_disabled``, ``forbidden_topic`` or
-                ``too_many_subscriptions``.
+            ProtocolError: ``publish_disabled`` or ``forbidden_topic``.
         """
         if isinstance(command, Publish):
             if not self._client_publish:
                 raise ProtocolError("publish_disabled", "this server takes no client publishes")
             if not self._grant.publish.matches(command.topic):
                 raise ProtocolError("forbidden_topic", "the token does not allow publishing here")
-        elif isinstance(command, Subscribe):
-            if not self._grant.subscribe.matches(command.topic):
-                raise ProtocolError("forbidden_topic", "the token does not allow this topic")
-            if (
-                command.topic not in self._requested
-                and len(self._requested) >= self._max_subscriptions
-            ):
-                raise ProtocolError(
-                    "too_many_subscriptions",
-                    f"a connection subscribes to at most {self._max_subscriptions} topics",
-                )
+        elif isinstance(command, Subscribe) and not self._grant.subscribe.matches(command.topic):
+            raise ProtocolError("forbidden_topic", "the token does not allow this topic")
+
+    async def _receive_before_idle_timeout(self) -> str | bytes | None:
+        # A multiplexed connection with no subscription that sends nothing for the idle
+        # timeout is closed. A subscribe on its way to the hub counts as a subscription (see
+        # _serve): the deadline's timer would otherwise stay armed until the next frame,
+        # which for a quiet subscriber is never.
+        with anyio.move_on_after(self._idle_timeout):
+            return await self._socket.receive()
+        if not self._subscriber.topics:
+            raise Closing(CloseCode.POLICY_VIOLATION, "idle timeout")
+        return await self._socket.receive()
 
     async def _publish(self, topic: str, payload: Payload) -> None:
         # Without a checkpoint while the mailbox has room: the reader then passes on every
@@ -304,20 +335,17 @@ class Connection:
         except HubBusy:
             await self._hub.publish(topic, payload, Source.WS)
 
-    async def _send_loop(self, scope: anyio.CancelScope) -> None:
+    async def _send_loop(self) -> None:
         try:
             while True:
                 frames = await self.outbox.receive_batch(BATCH_BYTES)
-                if self._socket.writable():
-                    # The common case, and per batch: skip the cost of a deadline.
-                    await self._socket.send(frames)
-                    continue
                 with anyio.fail_after(self._send_timeout):
                     await self._socket.send(frames)
         except TimeoutError:
             raise SlowConsumer(LagCause.SEND_TIMEOUT) from None
         except (anyio.BrokenResourceError, anyio.EndOfStream):
-            scope.cancel()
+            assert self._scope is not None
+            self._scope.cancel()
 
 
 def _first_closing(group: BaseExceptionGroup[Closing]) -> Closing:

@@ -2,13 +2,14 @@
 
 The hub offers frames with :meth:`Outbox.send_nowait`, which never blocks: when a frame does
 not fit, the overflow policy decides on the spot (see :mod:`broadcaster.policy`). The
-connection's sender is the only consumer, through :meth:`Outbox.receive_batch`.
+connection's sender is the only consumer: its own task through :meth:`Outbox.receive_batch`,
+or the shared :class:`broadcaster.writer.Writer` through :meth:`Outbox.take_batch`, which the
+outbox calls back through ``on_ready`` whenever it stops being empty.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,8 +53,32 @@ class Outbox:
         logger: bound to the connection; told once per overflow episode, never per frame.
         on_fail: called once, synchronously, when the outbox fails; the connection uses it
             to cancel its tasks, since its sender may be blocked in a socket write.
+        on_ready: called with the outbox, synchronously, each time a frame lands in it while
+            it is empty; the shared writer's way of learning that there is something to write.
         clock: monotonic seconds; tests inject their own.
     """
+
+    # Thousands of idle connections each hold one: no per-instance dict.
+    __slots__ = (
+        "_bytes",
+        "_clock",
+        "_closed",
+        "_dropped",
+        "_episode_drops",
+        "_error",
+        "_lag_timeout",
+        "_log",
+        "_messages",
+        "_on_fail",
+        "_on_ready",
+        "_overflow",
+        "_overflowing_since",
+        "_queue",
+        "_sent",
+        "_waiter",
+        "max_bytes",
+        "max_messages",
+    )
 
     def __init__(
         self,
@@ -64,6 +89,7 @@ class Outbox:
         lag_timeout: float,
         logger: FilteringBoundLogger,
         on_fail: Callable[[Closing], None] = lambda error: None,
+        on_ready: Callable[[Outbox], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_messages = max_messages
@@ -72,9 +98,12 @@ class Outbox:
         self._lag_timeout = lag_timeout
         self._log = logger
         self._on_fail = on_fail
+        self._on_ready = on_ready
         self._clock = clock
         # Control frames are queued in order with the rest but count against neither bound.
-        self._queue: deque[Frame] = deque()
+        # A list rather than a deque: an empty deque costs 760 bytes, and most of thousands of
+        # idle outboxes are empty; a batch that takes everything swaps the list out whole.
+        self._queue: list[Frame] = []
         self._messages = 0
         self._bytes = 0
         self._dropped = 0
@@ -98,8 +127,7 @@ class Outbox:
         if self._closed:
             return
         if frame.control:
-            self._queue.append(frame)
-            self._wake()
+            self._push(frame)
             return
         size = frame.size
         while True:
@@ -132,10 +160,9 @@ class Outbox:
             cause = LagCause.LAG if action is Action.DISCONNECT_LAG else LagCause.QUEUE_FULL
             self.fail(SlowConsumer(cause))
             return
-        self._queue.append(frame)
         self._messages += 1
         self._bytes += size
-        self._wake()
+        self._push(frame)
 
     async def wait_control_room(self, limit: int) -> None:
         """Wait until fewer than ``limit`` control frames are queued."""
@@ -158,17 +185,30 @@ class Outbox:
             if self._closed:
                 raise self._error or anyio.EndOfStream
             await self._wait()
+        return self.take_batch(max_bytes)
+
+    def take_batch(self, max_bytes: int) -> list[Frame]:
+        """Take the oldest frames, up to ``max_bytes`` of them but at least one if any are queued.
+
+        Returns an empty list when nothing is queued; never waits.
+        """
         queue = self._queue
-        batch: list[Frame] = []
-        taken = 0
-        while queue and (not batch or taken + queue[0].size <= max_bytes):
-            frame = queue.popleft()
-            batch.append(frame)
-            taken += frame.size
+        count = taken = 0
+        for frame in queue:
+            size = frame.size
+            if count and taken + size > max_bytes:
+                break
+            count += 1
+            taken += size
             if not frame.control:
                 self._messages -= 1
-                self._bytes -= frame.size
+                self._bytes -= size
                 self._sent += 1
+        if count == len(queue):
+            batch, self._queue = queue, []
+        else:
+            batch = queue[:count]
+            del queue[:count]
         if self._messages == 0 and self._overflowing_since is not None:
             self._log.info("outbox_recovered", dropped=self._episode_drops)
             self._overflowing_since = None
@@ -192,6 +232,10 @@ class Outbox:
         self._messages = 0
         self._bytes = 0
         self._wake()
+
+    def __len__(self) -> int:
+        """Frames queued, control frames included."""
+        return len(self._queue)
 
     @property
     def error(self) -> Closing | None:
@@ -221,6 +265,12 @@ class Outbox:
                 self._dropped += 1
                 self._episode_drops += 1
                 return
+
+    def _push(self, frame: Frame) -> None:
+        self._queue.append(frame)
+        if self._on_ready is not None and len(self._queue) == 1:
+            self._on_ready(self)
+        self._wake()
 
     def _wake(self) -> None:
         if self._waiter is not None:

@@ -113,31 +113,57 @@ class FastLane:
 
     Through plain ASGI every frame costs a message dict, a wsproto encoding and a transport
     write per socket. A frame that the hub encoded once for all its subscribers can instead
-    be written as it is, a whole batch of them in one write. The lane waits, as uvicorn's own
-    ``send`` does, while the transport is paused, so a stalled peer still backs up into its
-    outbox. It is offered to the app as the ASGI scope extension :data:`FASTLANE`, only
-    where it applies: never with per-message compression.
+    be written as it is, a whole batch of them in one write, by the app's shared
+    :class:`broadcaster.writer.Writer`. The lane never waits: while the transport is paused
+    the writer parks the connection's outbox with :meth:`when_writable`, so a stalled peer
+    still backs up into its own outbox. It is offered to the app as the ASGI scope extension
+    :data:`FASTLANE`, only where it applies: never with per-message compression.
     """
 
     def __init__(self, protocol: WSProtocol) -> None:
         self._protocol = protocol
+        self._on_writable: Callable[[], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def writable(self) -> bool:
-        """Whether the transport takes more without waiting."""
+        """Whether the transport takes more at once."""
         return self._protocol.writable.is_set()
 
-    async def write(self, wire: bytes) -> None:
-        """Write whole frames once the transport takes more.
+    def write(self, wire: bytes) -> None:
+        """Write whole frames.
 
         Raises:
             anyio.BrokenResourceError: the connection is closing or gone.
         """
         protocol = self._protocol
-        if not protocol.writable.is_set():
-            await protocol.writable.wait()
         if protocol.disconnected or protocol.close_sent:
             raise anyio.BrokenResourceError
         protocol.transport.write(wire)
+
+    def when_writable(
+        self, callback: Callable[[], None], timeout: float, on_timeout: Callable[[], None]
+    ) -> None:
+        """Call ``callback`` when the transport resumes, or ``on_timeout`` after ``timeout``."""
+        self.release()
+        self._on_writable = callback
+        self._timer = self._protocol.loop.call_later(timeout, self._timed_out, on_timeout)
+
+    def resumed(self) -> None:
+        """The transport takes more again: hand the parked outbox back to the writer."""
+        callback = self._on_writable
+        self.release()
+        if callback is not None:
+            callback()
+
+    def release(self) -> None:
+        """Forget the parked outbox, if any; the connection is gone or writable again."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._on_writable = self._timer = None
+
+    def _timed_out(self, on_timeout: Callable[[], None]) -> None:
+        self._on_writable = self._timer = None
+        on_timeout()
 
 
 class WSProtocol(UvicornWSProtocol):
@@ -148,13 +174,28 @@ class WSProtocol(UvicornWSProtocol):
 
     # Seconds a closed socket is kept for its peer to read the close frame, then aborted.
     linger = 10.0
+    # The fastlane, once the handshake has offered it.
+    lane: FastLane | None = None
 
     def handle_connect(self, event: Request) -> None:
         """Start the ASGI app as uvicorn does, offering it the fastlane."""
         super().handle_connect(event)
         # The app task has been created but not started, so it sees the extension.
         if not self.config.ws_per_message_deflate:
-            self.scope["extensions"][FASTLANE] = {"lane": FastLane(self)}
+            self.lane = FastLane(self)
+            self.scope["extensions"][FASTLANE] = {"lane": self.lane}
+
+    def resume_writing(self) -> None:
+        """Resume as uvicorn does, and hand a parked outbox back to the writer."""
+        super().resume_writing()
+        if self.lane is not None:
+            self.lane.resumed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Clean up as uvicorn does, and drop a parked outbox with its timer."""
+        super().connection_lost(exc)
+        if self.lane is not None:
+            self.lane.release()
 
     async def send(self, message: ASGISendEvent) -> None:
         """Send as uvicorn does, except that a close never waits for the peer to read."""
