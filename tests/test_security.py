@@ -20,6 +20,7 @@ from tests.support import (
     PUBLISH_TOKEN,
     client,
     closed_after,
+    drain,
     flood,
     handshake_refusal,
     pem,
@@ -139,6 +140,19 @@ async def test_publish_tokens_alone_leave_subscribing_open_and_guard_raw_publish
         with anyio.fail_after(10):
             assert await anonymous.recv() == "from the publisher"
         assert await closed_after(anonymous, "from anyone") == (1008, "publishing not permitted")
+
+
+async def test_a_live_connection_is_closed_with_1008_when_its_token_expires() -> None:
+    """A subscriber whose JWT runs out while it listens is closed with 1008 and unsubscribed."""
+    short_lived = token(subscribe=["t"], lifetime=2)
+    async with (
+        running_server(LOCKED) as live,
+        client(live.ws_url(f"/ws?token={short_lived}")) as connection,
+    ):
+        await subscribe(connection, "t")
+        await drain(connection)
+        assert (connection.close_code, connection.close_reason) == (1008, "token expired")
+        await wait_until(lambda: live.broadcaster.hub.statistics().topics == {})
 
 
 async def test_tokens_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> None:
