@@ -63,8 +63,13 @@ def _read_key(value: Any) -> Any:
     if isinstance(value, str) and not value.lstrip().startswith("-----BEGIN"):
         try:
             return Path(value).read_text()
-        except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(f"neither PEM text nor a readable PEM file: {error}") from None
+        except OSError as error:
+            # The reason only: the value may be a secret pasted into the wrong variable.
+            raise ValueError(
+                f"neither PEM text nor a readable PEM file ({error.strerror})"
+            ) from None
+        except UnicodeDecodeError:
+            raise ValueError("neither PEM text nor a readable PEM file (not text)") from None
     return value
 
 

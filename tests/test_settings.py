@@ -284,3 +284,15 @@ def test_a_byte_rate_below_the_message_limit_is_refused() -> None:
         "BROADCASTER_MAX_MESSAGE_BYTES (2048) must not exceed BROADCASTER_MAX_BYTES_PER_SECOND "
         "(1024): a message larger than a second's allowance could never be sent"
     ]
+
+
+def test_a_key_file_that_is_not_text_is_refused_without_its_content(tmp_path: Path) -> None:
+    """A binary file named as the public key is refused, and nothing of it is echoed."""
+    path = tmp_path / "key.der"
+    path.write_bytes(b"\xff\xfe secret \x00")
+    with pytest.raises(ValidationError) as raised:
+        Settings(jwt_public_key=str(path))
+    assert describe_errors(raised.value) == [
+        "BROADCASTER_JWT_PUBLIC_KEY=<hidden>: Value error, neither PEM text nor a readable PEM "
+        "file (not text)"
+    ]
