@@ -8,6 +8,7 @@ from broadcaster.errors import (
     HubBusy,
     HubStopped,
     ProtocolError,
+    Refused,
     ShuttingDown,
     SlowConsumer,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "Overflow",
     "ProtocolError",
     "Receipt",
+    "Refused",
     "Settings",
     "ShuttingDown",
     "SlowConsumer",

@@ -16,11 +16,13 @@ from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
+from broadcaster.auth import Authenticator, Grant, origin_allowed
 from broadcaster.connection import FASTLANE, Connection
-from broadcaster.errors import HubBusy, HubStopped, ProtocolError
+from broadcaster.errors import HubBusy, HubStopped, ProtocolError, Refused
 from broadcaster.hub import Hub, Source, Subscriber
 from broadcaster.log import get_logger
 from broadcaster.metrics import CONTENT_TYPE_LATEST, Metrics
+from broadcaster.policy import AddressLimiter
 from broadcaster.protocol import Payload, parse_json_body, validate_topic
 from broadcaster.settings import Settings
 from broadcaster.writer import Writer
@@ -31,6 +33,9 @@ if TYPE_CHECKING:
     from broadcaster.outbox import OutboxStatistics
     from broadcaster.protocol import Frame
     from broadcaster.writer import Lane
+
+# Seconds a refused client is told to wait before it tries again.
+RETRY = {"Retry-After": "1"}
 
 
 class _StarletteSocket:
@@ -94,6 +99,7 @@ class Broadcaster:
         self.hub = Hub(
             mailbox_size=settings.hub_mailbox_size,
             logger=get_logger("broadcaster.hub"),
+            max_subscriptions=settings.max_subscriptions,
             observe_fanout=self.metrics.fanout_seconds.observe,
         )
         self.metrics.watch(self.hub)
@@ -103,7 +109,18 @@ class Broadcaster:
         self._on_drained: Callable[[], None] = lambda: None
         self._on_hub_failure = on_hub_failure
         self._log = get_logger("broadcaster.connection")
+        self._auth = Authenticator(settings)
+        self._handshakes = AddressLimiter(
+            settings.max_handshakes_per_second, settings.handshake_addresses
+        )
+        # WebSocket connections admitted and not yet ended, for BROADCASTER_MAX_CONNECTIONS.
+        self._open = 0
         self.router = self._routes()
+
+    @property
+    def connections(self) -> int:
+        """WebSocket connections admitted and not yet ended."""
+        return self._open
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -161,26 +178,70 @@ class Broadcaster:
             raise
 
     async def _serve(self, websocket: WebSocket, topic: str | None) -> None:
-        if self.draining:
-            body = {"error": "draining", "detail": "the server is shutting down"}
-            await websocket.send_denial_response(JSONResponse(body, 503))
-            return
         peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else None
+        try:
+            grant = self._admit(websocket, topic)
+        except Refused as refused:
+            self._count_refusal(refused, peer)
+            body = {"error": refused.error, "detail": refused.detail}
+            response = JSONResponse(body, refused.status, headers=refused.headers)
+            await websocket.send_denial_response(response)
+            return
         conn_id = uuid.uuid4().hex[:12]
         log = self._log.bind(conn_id=conn_id, peer=peer)
         socket = _StarletteSocket(websocket)
-        await websocket.accept()
-        await Connection(
-            socket,
-            self.hub,
-            self.settings,
-            log,
-            topic,
-            writer=self.writer,
-            conn_id=conn_id,
-            peer=peer,
-            totals=self.metrics.totals,
-        ).run()
+        self._open += 1
+        try:
+            await websocket.accept()
+            await Connection(
+                socket,
+                self.hub,
+                self.settings,
+                log,
+                topic,
+                grant=grant,
+                writer=self.writer,
+                conn_id=conn_id,
+                peer=peer,
+                totals=self.metrics.totals,
+            ).run()
+        finally:
+            self._open -= 1
+
+    def _admit(self, websocket: WebSocket, topic: str | None) -> Grant:
+        """Decide, before accepting, whether a handshake may open a connection.
+
+        The cheap checks come first, so that a flood costs as little as possible.
+
+        Raises:
+            Refused: 503 ``draining`` or ``too_many_connections``, 429 ``rate_limited``,
+                403 ``origin_not_allowed``, ``missing_token``, ``invalid_token``,
+                ``token_expired`` or ``forbidden_topic``, 400 ``invalid_topic``.
+        """
+        if self.draining:
+            raise Refused(503, "draining", "the server is shutting down")
+        address = websocket.client.host if websocket.client else ""
+        if not self._handshakes.allow(address, time.monotonic()):
+            raise Refused(429, "rate_limited", "too many handshakes; retry shortly", RETRY)
+        if not origin_allowed(websocket.headers.get("origin"), self.settings.allowed_origins):
+            raise Refused(403, "origin_not_allowed", "pages of this origin may not connect")
+        if self._open >= self.settings.max_connections:
+            raise Refused(503, "too_many_connections", "the server is full; retry later", RETRY)
+        if topic is not None:
+            try:
+                validate_topic(topic)
+            except ProtocolError as error:
+                raise Refused(400, error.error, error.detail) from None
+        grant = self._auth.handshake(websocket.headers, websocket.query_params)
+        if topic is not None and not grant.subscribe.matches(topic):
+            raise Refused(403, "forbidden_topic", "the token does not allow this topic")
+        return grant
+
+    def _count_refusal(self, refused: Refused, peer: str | None) -> None:
+        # Debug level: a flood of refusals must not become a flood of log lines; the
+        # broadcaster_refused metric counts them all.
+        self.metrics.totals.refused[refused.error] += 1
+        self._log.debug("request_refused", peer=peer, status=refused.status, error=refused.error)
 
     def _routes(self) -> APIRouter:
         router = APIRouter()
@@ -193,22 +254,21 @@ class Broadcaster:
 
         @router.websocket_route("/ws/{topic}")
         async def raw(websocket: WebSocket) -> None:
-            topic = websocket.path_params["topic"]
-            try:
-                validate_topic(topic)
-            except ProtocolError as error:
-                body = {"error": error.error, "detail": error.detail}
-                await websocket.send_denial_response(JSONResponse(body, 400))
-                return
-            await self._serve(websocket, topic)
+            await self._serve(websocket, websocket.path_params["topic"])
 
         @router.post("/publish/{topic}")
         async def publish(topic: str, request: Request) -> JSONResponse:
+            peer = f"{request.client.host}:{request.client.port}" if request.client else None
             try:
+                # Before the body is read: an unauthenticated client gets nothing read for it.
+                self._auth.authorize_publish(request.headers.get("authorization"), topic)
                 validate_topic(topic)
+                body = await self._read_body(request)
             except ProtocolError as error:
                 raise HTTPException(400, error.detail) from None
-            body = await self._read_body(request)
+            except Refused as refused:
+                self._count_refusal(refused, peer)
+                raise HTTPException(refused.status, refused.detail, refused.headers) from None
             try:
                 payload = self._http_payload(request, body)
                 pending = self.hub.publish_nowait(topic, payload, Source.HTTP)
@@ -257,15 +317,21 @@ class Broadcaster:
         return router
 
     async def _read_body(self, request: Request) -> bytes:
+        """Read a publish's body, up to ``BROADCASTER_MAX_MESSAGE_BYTES``.
+
+        Raises:
+            Refused: 413 ``body_too_large``.
+        """
         limit = self.settings.max_message_bytes
+        too_large = Refused(413, "body_too_large", f"the body is larger than {limit} bytes")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise HTTPException(413, f"the body is larger than {limit} bytes")
+            raise too_large
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise HTTPException(413, f"the body is larger than {limit} bytes")
+                raise too_large
         return bytes(body)
 
     @staticmethod

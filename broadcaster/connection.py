@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
+from broadcaster.auth import FULL, Grant
 from broadcaster.errors import (
     CloseCode,
     Closing,
@@ -29,7 +30,9 @@ from broadcaster.errors import (
 from broadcaster.hub import Hub, Source, Subscriber
 from broadcaster.metrics import Totals
 from broadcaster.outbox import Outbox
+from broadcaster.policy import TokenBucket
 from broadcaster.protocol import (
+    Command,
     Frame,
     Mode,
     Payload,
@@ -42,7 +45,7 @@ from broadcaster.protocol import (
 from broadcaster.writer import BATCH_BYTES
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from structlog.typing import FilteringBoundLogger
 
@@ -83,18 +86,27 @@ class Connection:
         settings: queue bounds, policy and timeouts.
         logger: bound to this connection's ``conn_id`` and ``peer``.
         topic: the topic a raw-mode socket is subscribed to; ``None`` for multiplexed mode.
+        grant: what the client's credential allows, and until when; past its expiry the
+            connection is closed with 1008 ``token expired``.
         writer: the app's shared writer, which serves sockets that offer a lane; without it
             every connection has a sender task of its own.
         conn_id, peer: how operators tell this connection from others.
         totals: where the connection adds what it did when it ends, for the metrics.
+        clock: monotonic seconds, for the rate limits; tests pass a clock of their own.
     """
 
     # Thousands of idle connections each hold one: no per-instance dict.
     __slots__ = (
+        "_bytes",
+        "_client_publish",
+        "_clock",
+        "_frames",
+        "_grant",
         "_hub",
         "_idle_timeout",
         "_lane",
         "_log",
+        "_max_message_bytes",
         "_scope",
         "_send_timeout",
         "_socket",
@@ -113,10 +125,12 @@ class Connection:
         logger: FilteringBoundLogger,
         topic: str | None = None,
         *,
+        grant: Grant = FULL,
         writer: Writer | None = None,
         conn_id: str = "",
         peer: str | None = None,
         totals: Totals | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._socket = socket
         self._hub = hub
@@ -127,6 +141,16 @@ class Connection:
         self._totals = totals or Totals()
         self._log = logger
         self._topic = topic
+        self._grant = grant
+        self._client_publish = settings.client_publish
+        self._max_message_bytes = settings.max_message_bytes
+        self._clock = clock
+        now = clock()
+        rate = settings.max_messages_per_second
+        self._frames = TokenBucket.full(rate, max(1.0, rate), now)
+        self._bytes = TokenBucket.full(
+            settings.max_bytes_per_second, settings.max_bytes_per_second, now
+        )
         lane = socket.lane if writer is not None else None
         self._lane = lane
         # The connection's scope once it runs; the outbox cancels it when it fails, since the
@@ -164,13 +188,13 @@ class Connection:
         try:
             if self._lane is not None:
                 with anyio.CancelScope() as self._scope:
-                    await self._serve()
+                    await self._serve_until_expiry()
             else:
                 async with anyio.create_task_group() as tg:
                     self._scope = tg.cancel_scope
                     tg.start_soon(self._send_loop)
                     # The reader is the group's host task: one task fewer per connection.
-                    await self._serve()
+                    await self._serve_until_expiry()
                     tg.cancel_scope.cancel()
         except* HubStopped:
             closing = Closing(CloseCode.INTERNAL_ERROR, "hub stopped")
@@ -204,10 +228,21 @@ class Connection:
         totals.dropped += stats.dropped
         totals.sent += stats.sent
 
+    async def _serve_until_expiry(self) -> None:
+        if self._grant.expires is None:
+            await self._serve()
+            return
+        deadline = anyio.current_time() + self._grant.expires - time.time()
+        with anyio.CancelScope(deadline=deadline) as expiry:
+            await self._serve()
+        if expiry.cancelled_caught:
+            raise Closing(CloseCode.POLICY_VIOLATION, "token expired")
+
     async def _serve(self) -> None:
         self._hub.join(self._subscriber)
         if self._topic is not None:
             await self._hub.subscribe(self._subscriber, self._topic)
+        raw_refusal = None if self._topic is None else self._raw_publish_refusal(self._topic)
         while True:
             # The socket is awaited here, not through a helper: a quiet subscriber's reader
             # waits in this frame for as long as it stays, and every frame costs memory.
@@ -217,12 +252,16 @@ class Connection:
                 message = await self._socket.receive()
             if message is None:
                 return
+            self._check_rate(message)
             if self._topic is not None:
+                if raw_refusal is not None:
+                    raise raw_refusal
                 await self._publish(self._topic, Payload(message))
                 continue
             await self.outbox.wait_control_room(CONTROL_BACKLOG)
             try:
                 command = parse_frame(message)
+                self._authorize(command)
             except ProtocolError as error:
                 self.outbox.send_nowait(error_frame(error))
                 continue
@@ -236,6 +275,45 @@ class Connection:
             else:
                 self._subscribing = False
                 await self._hub.unsubscribe(self._subscriber, command.topic)
+
+    def _check_rate(self, message: str | bytes) -> None:
+        """Hold the client to the frame size and its frames and bytes a second.
+
+        Raises:
+            Closing: 1009 ``message too big`` (uvicorn says so first; this is for other
+                servers), 1008 ``rate limit exceeded``.
+        """
+        if isinstance(message, str) and not message.isascii():
+            size = len(message.encode())
+        else:
+            size = len(message)
+        if size > self._max_message_bytes:
+            raise Closing(CloseCode.MESSAGE_TOO_BIG, "message too big")
+        now = self._clock()
+        if not (self._frames.take(1, now) and self._bytes.take(size, now)):
+            raise Closing(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+
+    def _raw_publish_refusal(self, topic: str) -> Closing | None:
+        """What closes a raw-mode socket that sends a frame it may not publish."""
+        if not self._client_publish:
+            return Closing(CloseCode.POLICY_VIOLATION, "publishing disabled")
+        if not self._grant.publish.matches(topic):
+            return Closing(CloseCode.POLICY_VIOLATION, "publishing not permitted")
+        return None
+
+    def _authorize(self, command: Command) -> None:
+        """Check a multiplexed command against the grant.
+
+        Raises:
+            ProtocolError: ``publish_disabled`` or ``forbidden_topic``.
+        """
+        if isinstance(command, Publish):
+            if not self._client_publish:
+                raise ProtocolError("publish_disabled", "this server takes no client publishes")
+            if not self._grant.publish.matches(command.topic):
+                raise ProtocolError("forbidden_topic", "the token does not allow publishing here")
+        elif isinstance(command, Subscribe) and not self._grant.subscribe.matches(command.topic):
+            raise ProtocolError("forbidden_topic", "the token does not allow this topic")
 
     async def _receive_before_idle_timeout(self) -> str | bytes | None:
         # A multiplexed connection with no subscription that sends nothing for the idle

@@ -6,6 +6,7 @@
     ├── ProtocolError          a client frame could not be understood; answered with an error frame
     ├── HubBusy                the hub's mailbox is full; HTTP publishers get 503
     ├── HubStopped             the hub is not running
+    ├── Refused                a handshake or HTTP publish is refused with an HTTP status
     └── Closing                the connection must be closed with ``code`` and ``reason``
         ├── SlowConsumer       1013: the client could not keep up
         └── ShuttingDown       1001: the server is stopping
@@ -85,3 +86,23 @@ class ShuttingDown(Closing):
 
     def __init__(self) -> None:
         super().__init__(CloseCode.GOING_AWAY, "server shutting down")
+
+
+class Refused(BroadcasterError):
+    """A request refused before it is served: a WebSocket handshake or an HTTP publish.
+
+    Args:
+        status: the HTTP status that answers it (401, 403, 429, 503...).
+        error: a stable snake_case code for clients to match on.
+        detail: a sentence for humans; never the credential that was presented.
+        headers: response headers, such as ``Retry-After`` or ``WWW-Authenticate``.
+    """
+
+    def __init__(
+        self, status: int, error: str, detail: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(f"{status} {error}: {detail}")
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.headers = headers or {}

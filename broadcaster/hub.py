@@ -17,8 +17,15 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from broadcaster.errors import CloseCode, Closing, HubBusy, HubStopped, ShuttingDown
-from broadcaster.protocol import Frame, Mode, Payload, control_frame
+from broadcaster.errors import (
+    CloseCode,
+    Closing,
+    HubBusy,
+    HubStopped,
+    ProtocolError,
+    ShuttingDown,
+)
+from broadcaster.protocol import Frame, Mode, Payload, control_frame, error_frame
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -160,6 +167,8 @@ class Hub:
         mailbox_size: commands queued at most; past it :meth:`publish_nowait` raises
             :class:`HubBusy` and the async senders wait.
         logger: the hub's logger.
+        max_subscriptions: topics one connection may subscribe to; a subscribe past it is
+            answered with a ``too_many_subscriptions`` error frame.
         observe_fanout: told the seconds each publish took to fan out, for a histogram.
     """
 
@@ -168,10 +177,12 @@ class Hub:
         *,
         mailbox_size: int,
         logger: FilteringBoundLogger,
+        max_subscriptions: int,
         observe_fanout: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self._mailbox_size = mailbox_size
         self._log = logger
+        self._max_subscriptions = max_subscriptions
         # The mailbox exists while the hub runs; None means stopped.
         self._mailbox: MemoryObjectSendStream[_Command] | None = None
         self._topics: dict[str, _Topic] = {}
@@ -343,6 +354,13 @@ class Hub:
             command.receipt._set(Receipt(command.topic, seq, subscribers))
 
     def _subscribe(self, subscriber: Subscriber, name: str) -> None:
+        # Counted here, where the subscriptions are known exactly, and answered in order.
+        if name not in subscriber.topics and len(subscriber.topics) >= self._max_subscriptions:
+            detail = f"a connection subscribes to at most {self._max_subscriptions} topics"
+            subscriber.outbox.send_nowait(
+                error_frame(ProtocolError("too_many_subscriptions", detail))
+            )
+            return
         topic = self._topics.get(name)
         if topic is None:
             topic = self._topics[name] = _Topic()

@@ -41,6 +41,7 @@ class Totals:
     slow_consumers: Counter[str] = field(default_factory=Counter)
     dropped: int = 0
     sent: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
 
 
 class Metrics:
@@ -96,6 +97,14 @@ class _Collector(Collector):
                 labels=["code"],
             ),
             totals.closed,
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "broadcaster_refused",
+                "WebSocket handshakes and HTTP publishes refused, by error code.",
+                labels=["reason"],
+            ),
+            totals.refused,
         )
         yield GaugeMetricFamily(
             "broadcaster_subscriptions",

@@ -1,10 +1,13 @@
-"""Pure decisions: what happens to a message that does not fit an outbox.
+"""Pure decisions: what happens to a message that does not fit an outbox, and rate limits.
 
-No I/O and no ``await`` here, so every rule is a plain function of its inputs.
+No I/O, no ``await`` and no clock here: callers pass the time in, so every rule is a plain
+function of its inputs.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
 from enum import Enum, StrEnum
 
 
@@ -57,3 +60,67 @@ def decide(
     if policy is Overflow.DROP_OLDEST and not queue_empty:
         return Action.EVICT_OLDEST
     return Action.DROP_NEW
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """A rate limit: ``rate`` tokens a second, at most ``capacity`` saved up for a burst.
+
+    Args:
+        rate: tokens added a second.
+        capacity: the most tokens it holds; it starts full.
+        now: the time it starts at, in seconds on any monotonic clock.
+    """
+
+    rate: float
+    capacity: float
+    tokens: float
+    updated: float
+
+    @classmethod
+    def full(cls, rate: float, capacity: float, now: float) -> TokenBucket:
+        """Return a bucket that allows a whole burst at once."""
+        return cls(rate, capacity, capacity, now)
+
+    def take(self, amount: float, now: float) -> bool:
+        """Take ``amount`` tokens if the bucket holds them at ``now``; say whether it did."""
+        elapsed = max(0.0, now - self.updated)
+        self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
+        self.updated = now
+        if amount > self.tokens:
+            return False
+        self.tokens -= amount
+        return True
+
+
+class AddressLimiter:
+    """One token bucket per client address, for at most ``max_addresses`` addresses.
+
+    When a new address would exceed the bound, the least recently seen one is forgotten, so a
+    flood from many (or spoofed) addresses cannot grow the table; a forgotten address starts
+    again with a full bucket.
+
+    Args:
+        rate: requests a second allowed per address, ``rate`` of them in a burst (at least 1).
+        max_addresses: how many addresses are remembered.
+    """
+
+    def __init__(self, rate: float, max_addresses: int) -> None:
+        self._rate = rate
+        self._capacity = max(1.0, rate)
+        self._max_addresses = max_addresses
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def allow(self, address: str, now: float) -> bool:
+        """Count one request from ``address`` at ``now``; say whether it is within the limit."""
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            if len(self._buckets) >= self._max_addresses:
+                self._buckets.popitem(last=False)
+            bucket = self._buckets[address] = TokenBucket.full(self._rate, self._capacity, now)
+        else:
+            self._buckets.move_to_end(address)
+        return bucket.take(1, now)
+
+    def __len__(self) -> int:
+        return len(self._buckets)

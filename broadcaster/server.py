@@ -13,6 +13,8 @@ says 1001, and a bad frame is answered with wsproto's code (1007 for text that i
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import resource
 import socket
 from contextlib import suppress
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol as UvicornWSProtocol
 from wsproto.connection import ConnectionState
@@ -46,6 +49,63 @@ MAX_OPEN_FILES = 1 << 20
 
 # A close frame's reason is at most 123 bytes (RFC 6455, section 5.5).
 MAX_REASON_BYTES = 123
+
+
+class HideQueryStrings(logging.Filter):
+    """Cut the query string off the paths uvicorn logs for each handshake.
+
+    A browser's token travels in the ``token`` query parameter, and tokens must never reach a
+    log. :func:`uvicorn_config` installs it on uvicorn's logger.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and '"WebSocket %s"' in str(record.msg):
+            record.args = tuple(
+                arg.partition("?")[0] if isinstance(arg, str) else arg for arg in record.args
+            )
+        return True
+
+
+class HTTPProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, dropping a connection that is slow to send a request head.
+
+    uvicorn times out a keep-alive connection between requests, but not one that opens and
+    then sends a request head (a WebSocket handshake, say) a byte at a time, or never: each
+    would hold a socket for as long as its client liked (slowloris). A request head has to
+    arrive whole within ``head_timeout`` seconds of its first byte, or of the connection
+    opening; :func:`uvicorn_config` serves a subclass whose ``head_timeout`` comes from
+    ``BROADCASTER_HANDSHAKE_TIMEOUT``.
+    """
+
+    head_timeout = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def on_message_begin(self) -> None:
+        """Start the next request's clock at its first byte."""
+        super().on_message_begin()
+        self._start_head_timer()
+
+    def on_headers_complete(self) -> None:
+        """Stop the clock: the head has arrived whole."""
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def _start_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout, self.transport.close)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
 
 
 class FastLane:
@@ -196,10 +256,14 @@ class WSProtocol(UvicornWSProtocol):
 
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     """Build the uvicorn configuration that serves ``app`` as ``settings`` say."""
+    uvicorn_logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, HideQueryStrings) for f in uvicorn_logger.filters):
+        uvicorn_logger.addFilter(HideQueryStrings())
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=type("HTTPProtocol", (HTTPProtocol,), {"head_timeout": settings.handshake_timeout}),
         ws=type("WSProtocol", (WSProtocol,), {"linger": settings.close_timeout}),
         ws_max_size=settings.max_message_bytes,
         ws_ping_interval=settings.ping_interval,
@@ -287,8 +351,30 @@ def run(settings: Settings, make_app: Callable[[Callable[[], None]], Any]) -> in
     logger.info(
         "server_starting", host=settings.host, port=sock.getsockname()[1], open_files=open_files
     )
+    warn_if_unauthenticated(settings)
     server.run(sockets=[sock])
     return 1 if hub_failed or not server.started else 0
+
+
+def warn_if_unauthenticated(settings: Settings) -> None:
+    """Log a warning when a server that anyone may publish to binds a non-loopback address."""
+    if settings.publish_open and not is_loopback(settings.host):
+        logger.warning(
+            "unauthenticated_bind",
+            host=settings.host,
+            detail="anyone who can reach this address may publish and subscribe; set "
+            "BROADCASTER_PUBLISH_TOKENS and a JWT key (see the README's Security section)",
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
 
 
 def _raise_open_files_limit() -> int:

@@ -6,17 +6,95 @@ No other module reads the environment: the CLI builds one :class:`Settings` and 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Self
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from broadcaster.auth import normal_origin, parse_public_key
 from broadcaster.policy import Overflow
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 ENV_PREFIX = "BROADCASTER_"
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+# Shorter secrets can be guessed, and PyJWT warns about HS256 keys under 32 bytes.
+MIN_SECRET_LENGTH = 32
+# A publish token is compared in constant time, but a short one can still be guessed.
+MIN_TOKEN_LENGTH = 16
+# Settings whose values are secrets: errors name them but never echo what was given.
+SECRET_SETTINGS = frozenset({"publish_tokens", "jwt_secret", "jwt_public_key"})
+
+
+def _split_commas(value: Any) -> Any:
+    """Read ``a,b`` as ``("a", "b")``, leaving anything but a string to the field's type."""
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    return value
+
+
+def _long_enough(minimum: int) -> Callable[[SecretStr], SecretStr]:
+    def check(secret: SecretStr) -> SecretStr:
+        if len(secret.get_secret_value()) < minimum:
+            raise ValueError(f"a secret needs at least {minimum} characters")
+        return secret
+
+    return check
+
+
+def _unset_when_empty(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _read_key(value: Any) -> Any:
+    """Take a PEM public key as text, or read it from the file a path names."""
+    value = _unset_when_empty(value)
+    if isinstance(value, str) and not value.lstrip().startswith("-----BEGIN"):
+        try:
+            return Path(value).read_text()
+        except OSError as error:
+            # The reason only: the value may be a secret pasted into the wrong variable.
+            raise ValueError(
+                f"neither PEM text nor a readable PEM file ({error.strerror})"
+            ) from None
+        except UnicodeDecodeError:
+            raise ValueError("neither PEM text nor a readable PEM file (not text)") from None
+    return value
+
+
+def _valid_key(key: SecretStr | None) -> SecretStr | None:
+    if key is not None:
+        parse_public_key(key.get_secret_value())
+    return key
+
+
+Origins = Annotated[
+    tuple[Annotated[str, AfterValidator(normal_origin)], ...],
+    NoDecode,
+    BeforeValidator(_split_commas),
+]
+Tokens = Annotated[
+    tuple[Annotated[SecretStr, AfterValidator(_long_enough(MIN_TOKEN_LENGTH))], ...],
+    NoDecode,
+    BeforeValidator(_split_commas),
+]
+Secret = Annotated[
+    SecretStr | None,
+    BeforeValidator(_unset_when_empty),
+    AfterValidator(lambda secret: secret and _long_enough(MIN_SECRET_LENGTH)(secret)),
+]
+PublicKey = Annotated[SecretStr | None, BeforeValidator(_read_key), AfterValidator(_valid_key)]
 
 
 class LogFormat(StrEnum):
@@ -94,6 +172,58 @@ class Settings(BaseSettings):
     shutdown_timeout: PositiveInt = Field(
         5, description="Seconds given to open connections to close on shutdown."
     )
+    publish_tokens: Tokens = Field(
+        (),
+        description="Comma-separated bearer tokens that may publish anywhere, over HTTP or "
+        "WebSockets; unset (and no JWT key) leaves publishing open to anyone.",
+    )
+    client_publish: bool = Field(
+        True, description="Whether WebSocket clients may publish at all (HTTP is not affected)."
+    )
+    jwt_secret: Secret = Field(
+        None, description="HS256 secret of the JWTs that WebSocket clients must present."
+    )
+    jwt_public_key: PublicKey = Field(
+        None,
+        description="PEM public key (the text, or a file's path) of RS256 or ES256 JWTs that "
+        "WebSocket clients must present.",
+    )
+    allowed_origins: Origins = Field(
+        (),
+        description="Comma-separated origins (scheme://host[:port]) whose pages may open "
+        "WebSockets; unset allows any.",
+    )
+    max_connections: PositiveInt = Field(
+        10_000, description="Open WebSocket connections; past it handshakes get 503."
+    )
+    max_subscriptions: PositiveInt = Field(
+        100, description="Topics one multiplexed connection may subscribe to."
+    )
+    max_messages_per_second: PositiveFloat = Field(
+        1000.0,
+        description="Frames a second one connection may send (a second's worth in a burst); "
+        "past it the connection is closed with 1008.",
+    )
+    max_bytes_per_second: PositiveInt = Field(
+        4 * 1024 * 1024,
+        description="Bytes a second one connection may send (a second's worth in a burst); "
+        "past it the connection is closed with 1008.",
+    )
+    max_handshakes_per_second: PositiveFloat = Field(
+        100.0,
+        description="WebSocket handshakes a second from one client address (a second's worth "
+        "in a burst); past it they get 429.",
+    )
+    handshake_timeout: PositiveFloat = Field(
+        10.0,
+        description="Seconds a new TCP connection has to send a whole HTTP request head (a "
+        "WebSocket handshake or a publish) before it is dropped.",
+    )
+    handshake_addresses: PositiveInt = Field(
+        10_000,
+        description="Client addresses whose handshake rate is tracked; the least recently "
+        "seen is forgotten first.",
+    )
     log_level: LogLevel = Field(LogLevel.INFO, description="Least severe level logged.")
     log_format: LogFormat | None = Field(
         None, description="`console` or `json`; unset picks console on a terminal, json otherwise."
@@ -107,7 +237,28 @@ class Settings(BaseSettings):
                 f"{ENV_PREFIX}QUEUE_MAX_BYTES ({self.queue_max_bytes}): "
                 "a message that cannot fit an outbox could never be delivered"
             )
+        if self.max_message_bytes > self.max_bytes_per_second:
+            raise ValueError(
+                f"{ENV_PREFIX}MAX_MESSAGE_BYTES ({self.max_message_bytes}) must not exceed "
+                f"{ENV_PREFIX}MAX_BYTES_PER_SECOND ({self.max_bytes_per_second}): "
+                "a message larger than a second's allowance could never be sent"
+            )
+        if self.jwt_secret is not None and self.jwt_public_key is not None:
+            raise ValueError(
+                f"set {ENV_PREFIX}JWT_SECRET (HS256) or {ENV_PREFIX}JWT_PUBLIC_KEY "
+                "(RS256, ES256), not both"
+            )
         return self
+
+    @property
+    def subscribe_open(self) -> bool:
+        """Whether anyone may subscribe: no JWT key is configured."""
+        return self.jwt_secret is None and self.jwt_public_key is None
+
+    @property
+    def publish_open(self) -> bool:
+        """Whether anyone may publish: no publish token and no JWT key is configured."""
+        return not self.publish_tokens and self.subscribe_open
 
 
 def describe_errors(error: ValidationError) -> list[str]:
@@ -117,6 +268,7 @@ def describe_errors(error: ValidationError) -> list[str]:
         if not item["loc"]:
             lines.append(str(item["ctx"]["error"]) if "ctx" in item else item["msg"])
             continue
-        variable = ENV_PREFIX + str(item["loc"][0]).upper()
-        lines.append(f"{variable}={item['input']!r}: {item['msg']}")
+        name = str(item["loc"][0])
+        value = "<hidden>" if name in SECRET_SETTINGS else repr(item["input"])
+        lines.append(f"{ENV_PREFIX}{name.upper()}={value}: {item['msg']}")
     return lines

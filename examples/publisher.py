@@ -109,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--text", default="hello", help="text carried by each message")
     parser.add_argument("--retries", type=int, default=5, help="retries per message on 503")
     parser.add_argument("--timeout", type=float, default=10.0, help="HTTP timeout in seconds")
+    parser.add_argument("--token", help="bearer token: a publish token or a JWT granting the topic")
     args = parser.parse_args(argv)
     if args.count < 0 or args.retries < 0:
         parser.error("--count and --retries must not be negative")
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     interval = 1.0 / args.rate if args.rate else 0.0
     start = time.monotonic()
-    with httpx.Client(base_url=args.url, timeout=args.timeout) as client:
+    headers = {"authorization": f"Bearer {args.token}"} if args.token else {}
+    with httpx.Client(base_url=args.url, timeout=args.timeout, headers=headers) as client:
         for n in range(1, args.count + 1):
             # Pace against the start time, so that slow requests do not lower the rate.
             delay = start + (n - 1) * interval - time.monotonic()

@@ -137,12 +137,21 @@ async def receive_messages(
 
 
 async def subscribe(
-    url: str, topics: list[str], count: int | None, idle_timeout: float | None
+    url: str,
+    topics: list[str],
+    count: int | None,
+    idle_timeout: float | None,
+    token: str | None = None,
 ) -> int:
     """Subscribe to ``topics`` at ``url`` and print messages; return the exit status."""
     tracker = SeqTracker()
+    # A server that requires a token takes it in the Authorization header (browsers, which
+    # cannot set it, put it in a ?token= query parameter instead).
+    headers = {"authorization": f"Bearer {token}"} if token else None
     try:
-        async with connect(url, max_size=MAX_FRAME_BYTES, open_timeout=10) as websocket:
+        async with connect(
+            url, max_size=MAX_FRAME_BYTES, open_timeout=10, additional_headers=headers
+        ) as websocket:
             print(f"connected to {url}", flush=True)
             for topic in topics:
                 await websocket.send(json.dumps({"op": "subscribe", "topic": topic}))
@@ -168,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="multiplexed endpoint")
     parser.add_argument("--count", type=int, help="leave after this many messages")
     parser.add_argument("--idle-timeout", type=float, help="leave after this many idle seconds")
+    parser.add_argument("--token", help="a JWT (or publish token) for servers that require one")
     args = parser.parse_args(argv)
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
@@ -180,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the subscriber; return the exit status."""
     args = parse_args(argv)
     try:
-        return asyncio.run(subscribe(args.url, args.topics, args.count, args.idle_timeout))
+        return asyncio.run(
+            subscribe(args.url, args.topics, args.count, args.idle_timeout, args.token)
+        )
     except KeyboardInterrupt:
         return 130
 

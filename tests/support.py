@@ -7,13 +7,18 @@ import os
 import socket
 import subprocess
 import sys
-from contextlib import asynccontextmanager, contextmanager
+import time
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import jwt
+import pytest
 import uvicorn
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Message, Request, TextMessage
 
@@ -25,9 +30,41 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
 
     from anyio.abc import SocketStream
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+    from websockets.datastructures import Headers
 
 # How often wait_until looks again; the deadline, not this, bounds the wait.
 POLL_INTERVAL = 0.005
+# Credentials for servers that require them.
+PUBLISH_TOKEN = "publish-token-0123456789"
+JWT_SECRET = "jwt-secret-" + "0123456789" * 6
+
+
+def token(
+    *,
+    subscribe: object = None,
+    publish: object = None,
+    lifetime: float | None = 3600,
+    secret: str | EllipticCurvePrivateKey = JWT_SECRET,
+    algorithm: str = "HS256",
+) -> str:
+    """Sign a JWT with these topic claims, expiring ``lifetime`` seconds from now (never
+    when ``None``); a claim that is ``None`` is left out. ``secret`` is an HS* secret or an
+    ES256 private key."""
+    claims: dict[str, object] = {"sub": "test"}
+    if subscribe is not None:
+        claims["subscribe"] = subscribe
+    if publish is not None:
+        claims["publish"] = publish
+    if lifetime is not None:
+        claims["exp"] = int(time.time() + lifetime)
+    return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+def pem(key: PublicKeyTypes) -> str:
+    """The PEM text of a public key."""
+    return key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
 
 
 async def wait_until(predicate: Callable[[], bool], deadline: float = 10.0) -> None:
@@ -100,6 +137,42 @@ async def client(
         options.setdefault("max_queue", 1)
     async with connect(url, sock=sock, proxy=None, compression=None, **options) as connection:
         yield connection
+
+
+async def handshake_refusal(url: str, **options: Any) -> tuple[int, str | None, Headers]:
+    """Attempt a handshake that must be refused; return its status, error code and headers."""
+    with pytest.raises(InvalidStatus) as refused:
+        async with client(url, **options):
+            pass
+    response = refused.value.response
+    return response.status_code, json.loads(response.body or b"{}").get("error"), response.headers
+
+
+async def drain(connection: ClientConnection) -> None:
+    """Read whatever the server sends until it closes the connection."""
+    with anyio.fail_after(30), suppress(ConnectionClosed):
+        async for _ in connection:
+            pass
+
+
+async def closed_after(connection: ClientConnection, frame: str | bytes) -> tuple[int, str]:
+    """Send ``frame``, read until the server closes, and return the close code and reason."""
+    await connection.send(frame)
+    await drain(connection)
+    return connection.close_code or 0, connection.close_reason or ""
+
+
+async def flood(url: str, frame: str = '{"op": "ping"}', limit: int = 10_000) -> tuple[int, str]:
+    """Connect and send ``frame`` without pause, reading what comes back, until the server
+    closes the connection (at most ``limit`` times); return the close code and reason."""
+    async with client(url) as connection, anyio.create_task_group() as tg:
+        tg.start_soon(drain, connection)
+        with suppress(ConnectionClosed):
+            for _ in range(limit):
+                await connection.send(frame)
+                # A send that fits the buffer does not yield: let the client read the close.
+                await anyio.lowlevel.checkpoint()
+    return connection.close_code or 0, connection.close_reason or ""
 
 
 async def receive_json(connection: ClientConnection) -> Any:

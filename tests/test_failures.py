@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 from contextlib import suppress
@@ -12,12 +11,19 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from structlog.testing import capture_logs
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 
 from broadcaster.app import Broadcaster
 from broadcaster.policy import Overflow
 from broadcaster.settings import Settings
-from tests.support import client, receive_json, running_server, subscribe, wait_until
+from tests.support import (
+    client,
+    handshake_refusal,
+    receive_json,
+    running_server,
+    subscribe,
+    wait_until,
+)
 
 
 @pytest.mark.parametrize(
@@ -81,11 +87,8 @@ async def test_oversized_frame_closes_with_1009(path: str) -> None:
 async def test_raw_mode_rejects_an_invalid_topic_with_http_400() -> None:
     """A raw-mode URL with an invalid topic is refused at the handshake with 400."""
     async with running_server() as live:
-        with pytest.raises(InvalidStatus) as refused:
-            async with client(live.ws_url("/ws/bad%20topic")):
-                pass
-        assert refused.value.response.status_code == 400
-        assert json.loads(refused.value.response.body or b"")["error"] == "invalid_topic"
+        status, error, _ = await handshake_refusal(live.ws_url("/ws/bad%20topic"))
+        assert (status, error) == (400, "invalid_topic")
 
 
 async def test_abrupt_tcp_reset_leaves_no_subscription() -> None:

@@ -53,7 +53,7 @@ class Failures:
 
 def make_hub(mailbox_size: int = 100) -> Hub:
     """Build a hub with a structlog logger."""
-    return Hub(mailbox_size=mailbox_size, logger=structlog.get_logger())
+    return Hub(mailbox_size=mailbox_size, logger=structlog.get_logger(), max_subscriptions=100)
 
 
 def make_subscriber(

@@ -1,10 +1,10 @@
-"""Tests for broadcaster.policy.decide: every branch, as plain sync calls."""
+"""Tests for broadcaster.policy: overflow decisions and rate limits, as plain sync calls."""
 
 from __future__ import annotations
 
 import pytest
 
-from broadcaster.policy import Action, Overflow, decide
+from broadcaster.policy import Action, AddressLimiter, Overflow, TokenBucket, decide
 
 MAX_BYTES = 100
 LAG_TIMEOUT = 10.0
@@ -87,3 +87,58 @@ def test_drop_newest_drops_the_new_message(
 def test_a_message_exactly_max_bytes_is_not_oversized() -> None:
     """A message of exactly max_bytes can fit after evictions, so it is not dropped outright."""
     assert _decide(Overflow.DISCONNECT, size=MAX_BYTES) is Action.DISCONNECT_FULL
+
+
+def test_a_bucket_allows_a_burst_then_refuses_until_it_refills() -> None:
+    """A full bucket gives its capacity at once, then only what time has added since."""
+    bucket = TokenBucket.full(rate=10, capacity=5, now=0.0)
+    assert [bucket.take(1, now=0.0) for _ in range(6)] == [True] * 5 + [False]
+    assert not bucket.take(1, now=0.05)
+    assert bucket.take(1, now=0.1)
+    assert not bucket.take(1, now=0.1)
+
+
+def test_a_bucket_never_saves_more_than_its_capacity() -> None:
+    """However long it is left alone, a bucket holds at most its capacity."""
+    bucket = TokenBucket.full(rate=100, capacity=10, now=0.0)
+    assert bucket.take(10, now=0.0)
+    assert not bucket.take(11, now=1000.0)
+    assert bucket.take(10, now=1000.0)
+
+
+def test_a_bucket_refuses_an_amount_above_what_it_holds_and_keeps_it() -> None:
+    """A refused take leaves the tokens for a smaller one; a clock going back adds nothing."""
+    bucket = TokenBucket.full(rate=1, capacity=100, now=5.0)
+    assert not bucket.take(101, now=5.0)
+    assert bucket.take(100, now=4.0)
+    assert not bucket.take(1, now=4.5)
+
+
+def test_addresses_are_limited_separately() -> None:
+    """One address running out of handshakes does not hold back another."""
+    limiter = AddressLimiter(rate=2, max_addresses=10)
+    assert [limiter.allow("a", now=0.0) for _ in range(3)] == [True, True, False]
+    assert limiter.allow("b", now=0.0)
+    assert limiter.allow("a", now=0.5)
+
+
+def test_a_rate_below_one_still_allows_one_request() -> None:
+    """With less than one handshake a second, a new address may still make one."""
+    limiter = AddressLimiter(rate=0.5, max_addresses=10)
+    assert [limiter.allow("a", now=0.0) for _ in range(2)] == [True, False]
+    assert limiter.allow("a", now=2.0)
+
+
+def test_the_address_table_stays_within_its_bound_forgetting_the_least_recent() -> None:
+    """A flood from many addresses never grows the table past its bound."""
+    limiter = AddressLimiter(rate=1, max_addresses=3)
+    for n in range(1000):
+        limiter.allow(f"10.0.{n // 256}.{n % 256}", now=0.0)
+        assert len(limiter) <= 3
+    assert [limiter.allow("a", now=1.0), limiter.allow("a", now=1.0)] == [True, False]
+    limiter.allow("b", now=1.0)
+    limiter.allow("a", now=1.0)  # "a" is now the most recently seen
+    limiter.allow("c", now=1.0)
+    limiter.allow("d", now=1.0)  # forgets "b", the least recently seen
+    assert not limiter.allow("a", now=1.0)
+    assert len(limiter) == 3

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
 from broadcaster.policy import Overflow
 from broadcaster.settings import ENV_PREFIX, LogFormat, LogLevel, Settings, describe_errors
+from tests.support import JWT_SECRET, PUBLISH_TOKEN, pem
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +48,19 @@ def test_defaults() -> None:
     assert settings.log_level is LogLevel.INFO
     assert settings.log_format is None
     assert settings.max_message_bytes <= settings.queue_max_bytes
+    assert settings.publish_tokens == ()
+    assert settings.client_publish is True
+    assert settings.jwt_secret is None
+    assert settings.jwt_public_key is None
+    assert settings.allowed_origins == ()
+    assert settings.max_connections == 10_000
+    assert settings.max_subscriptions == 100
+    assert settings.max_messages_per_second == 1000.0
+    assert settings.max_bytes_per_second == 4 * 1024 * 1024
+    assert settings.max_handshakes_per_second == 100.0
+    assert settings.handshake_addresses == 10_000
+    assert settings.publish_open
+    assert settings.subscribe_open
 
 
 def test_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,6 +111,12 @@ def test_variables_without_the_prefix_are_ignored(monkeypatch: pytest.MonkeyPatc
         ("BROADCASTER_OVERFLOW", "DISCONNECT", "'drop_oldest', 'drop_newest' or 'disconnect'"),
         ("BROADCASTER_LOG_FORMAT", "xml", "'console' or 'json'"),
         ("BROADCASTER_LOG_LEVEL", "loud", "'debug', 'info', 'warning' or 'error'"),
+        ("BROADCASTER_MAX_CONNECTIONS", "0", "greater than 0"),
+        ("BROADCASTER_MAX_SUBSCRIPTIONS", "-1", "greater than 0"),
+        ("BROADCASTER_MAX_MESSAGES_PER_SECOND", "0", "greater than 0"),
+        ("BROADCASTER_MAX_HANDSHAKES_PER_SECOND", "lots", "valid number"),
+        ("BROADCASTER_HANDSHAKE_ADDRESSES", "0", "greater than 0"),
+        ("BROADCASTER_CLIENT_PUBLISH", "maybe", "valid boolean"),
     ],
 )
 def test_bad_values_are_described_by_variable_value_and_what_is_allowed(
@@ -173,3 +198,101 @@ def test_settings_are_hashable_and_compare_by_value() -> None:
     assert Settings(port=1) == Settings(port=1)
     assert hash(Settings(port=1)) == hash(Settings(port=1))
     assert Settings(port=1) != Settings(port=2)
+
+
+def test_lists_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokens and origins are comma-separated; blanks are skipped, origins normalised."""
+    monkeypatch.setenv("BROADCASTER_PUBLISH_TOKENS", f" {PUBLISH_TOKEN}, ,{'t' * 16}")
+    monkeypatch.setenv("BROADCASTER_ALLOWED_ORIGINS", "https://App.example/,http://localhost:3000")
+    settings = Settings()
+    assert [t.get_secret_value() for t in settings.publish_tokens] == [PUBLISH_TOKEN, "t" * 16]
+    assert settings.allowed_origins == ("https://app.example", "http://localhost:3000")
+    assert not settings.publish_open
+    assert settings.subscribe_open
+
+
+def test_empty_secret_variables_leave_auth_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Variables set to nothing count as unset rather than as empty secrets."""
+    for name in ("PUBLISH_TOKENS", "JWT_SECRET", "JWT_PUBLIC_KEY"):
+        monkeypatch.setenv(ENV_PREFIX + name, "")
+    settings = Settings()
+    assert (settings.publish_tokens, settings.jwt_secret, settings.jwt_public_key) == (
+        (),
+        None,
+        None,
+    )
+    assert settings.publish_open
+
+
+def test_the_public_key_is_read_from_pem_text_or_a_file(tmp_path: Path) -> None:
+    """BROADCASTER_JWT_PUBLIC_KEY takes the PEM itself or the path of a PEM file."""
+    text = pem(ec.generate_private_key(ec.SECP256R1()).public_key())
+    path = tmp_path / "key.pem"
+    path.write_text(text)
+    for value in (text, str(path)):
+        key = Settings(jwt_public_key=value).jwt_public_key
+        assert key is not None
+        assert key.get_secret_value() == text
+        assert not Settings(jwt_public_key=value).subscribe_open
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            {"publish_tokens": "short"},
+            "BROADCASTER_PUBLISH_TOKENS=<hidden>: Value error, a secret needs at least 16 "
+            "characters",
+        ),
+        (
+            {"jwt_secret": "short"},
+            "BROADCASTER_JWT_SECRET=<hidden>: Value error, a secret needs at least 32 characters",
+        ),
+        (
+            {"jwt_public_key": "/no/such/key.pem"},
+            "BROADCASTER_JWT_PUBLIC_KEY=<hidden>: Value error, neither PEM text nor a readable "
+            "PEM file",
+        ),
+    ],
+)
+def test_bad_secrets_are_described_without_their_value(
+    overrides: dict[str, str], expected: str
+) -> None:
+    """An error about a secret names the variable and the rule, never what was given."""
+    with pytest.raises(ValidationError) as raised:
+        Settings(**overrides)  # type: ignore[arg-type]
+    (line,) = describe_errors(raised.value)
+    assert line.startswith(expected)
+    assert "short" not in line.removeprefix(expected)
+
+
+def test_a_secret_and_a_public_key_together_are_refused() -> None:
+    """One kind of JWT key: HS256 with a secret, or RS256/ES256 with a public key."""
+    key = pem(ec.generate_private_key(ec.SECP256R1()).public_key())
+    with pytest.raises(ValidationError) as raised:
+        Settings(jwt_secret=JWT_SECRET, jwt_public_key=key)
+    assert describe_errors(raised.value) == [
+        "set BROADCASTER_JWT_SECRET (HS256) or BROADCASTER_JWT_PUBLIC_KEY (RS256, ES256), not both"
+    ]
+
+
+def test_a_byte_rate_below_the_message_limit_is_refused() -> None:
+    """A connection must be able to send at least one largest message a second."""
+    with pytest.raises(ValidationError) as raised:
+        Settings(max_message_bytes=2048, max_bytes_per_second=1024)
+    assert describe_errors(raised.value) == [
+        "BROADCASTER_MAX_MESSAGE_BYTES (2048) must not exceed BROADCASTER_MAX_BYTES_PER_SECOND "
+        "(1024): a message larger than a second's allowance could never be sent"
+    ]
+
+
+def test_a_key_file_that_is_not_text_is_refused_without_its_content(tmp_path: Path) -> None:
+    """A binary file named as the public key is refused, and nothing of it is echoed."""
+    path = tmp_path / "key.der"
+    path.write_bytes(b"\xff\xfe secret \x00")
+    with pytest.raises(ValidationError) as raised:
+        Settings(jwt_public_key=str(path))
+    assert describe_errors(raised.value) == [
+        "BROADCASTER_JWT_PUBLIC_KEY=<hidden>: Value error, neither PEM text nor a readable PEM "
+        "file (not text)"
+    ]

@@ -84,6 +84,17 @@ class Sampler:
         return sample
 
 
+# Every fake client comes from this machine's one address, and the publisher sends as fast
+# as it is asked to: per-client limits would measure themselves, not the server. Lifted for a
+# spawned server unless the environment or ``--env`` sets them.
+LOAD_LIMITS = {
+    "BROADCASTER_MAX_CONNECTIONS": "1000000",
+    "BROADCASTER_MAX_HANDSHAKES_PER_SECOND": "1000000",
+    "BROADCASTER_MAX_MESSAGES_PER_SECOND": "1000000000",
+    "BROADCASTER_MAX_BYTES_PER_SECOND": str(1 << 40),
+}
+
+
 class SpawnedServer:
     """A ``broadcaster serve`` child process.
 
@@ -97,7 +108,7 @@ class SpawnedServer:
 
     def __init__(self, env: Mapping[str, str], command: Sequence[str]) -> None:
         # The child inherits this process's environment, as a shell would give it.
-        self._env = {**os.environ, **env, "BROADCASTER_LOG_FORMAT": "json"}
+        self._env = {**LOAD_LIMITS, **os.environ, **env, "BROADCASTER_LOG_FORMAT": "json"}
         self._command = [sys.executable, *command]
         self._process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
