@@ -200,17 +200,18 @@ class Settings(BaseSettings):
         100, description="Topics one multiplexed connection may subscribe to."
     )
     max_messages_per_second: PositiveFloat = Field(
-        1000.0,
+        10_000.0,
         description="Frames a second one connection may send (a second's worth in a burst); "
         "past it the connection is closed with 1008.",
     )
     max_bytes_per_second: PositiveInt = Field(
-        4 * 1024 * 1024,
+        16 * 1024 * 1024,
         description="Bytes a second one connection may send (a second's worth in a burst); "
         "past it the connection is closed with 1008.",
     )
     max_handshakes_per_second: PositiveFloat = Field(
-        100.0,
+        # Room for a load test's thousands of clients on one host; production tightens it.
+        10_000.0,
         description="WebSocket handshakes a second from one client address (a second's worth "
         "in a burst); past it they get 429.",
     )

@@ -55,9 +55,9 @@ def test_defaults() -> None:
     assert settings.allowed_origins == ()
     assert settings.max_connections == 10_000
     assert settings.max_subscriptions == 100
-    assert settings.max_messages_per_second == 1000.0
-    assert settings.max_bytes_per_second == 4 * 1024 * 1024
-    assert settings.max_handshakes_per_second == 100.0
+    assert settings.max_messages_per_second == 10_000.0
+    assert settings.max_bytes_per_second == 16 * 1024 * 1024
+    assert settings.max_handshakes_per_second == 10_000.0
     assert settings.handshake_addresses == 10_000
     assert settings.publish_open
     assert settings.subscribe_open
