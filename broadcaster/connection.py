@@ -136,7 +136,7 @@ class Connection:
         self._hub = hub
         self._send_timeout = settings.send_timeout
         self._idle_timeout = settings.idle_timeout
-        # Whether the last subscription command was a subscribe; see _receive.
+        # Whether the last subscription command was a subscribe; see _serve.
         self._subscribing = False
         self._totals = totals or Totals()
         self._log = logger
