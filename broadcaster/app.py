@@ -6,9 +6,12 @@ routes that reach it, so it can be mounted into an existing app as well as serve
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import anyio
@@ -16,13 +19,15 @@ from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
+from broadcaster.backplane import NODE_ID_BYTES, open_backplane
+from broadcaster.backplane.bridge import Bridge
 from broadcaster.connection import FASTLANE, Connection
 from broadcaster.errors import HubBusy, HubStopped, ProtocolError
 from broadcaster.hub import Hub, Source, Subscriber
 from broadcaster.log import get_logger
 from broadcaster.metrics import CONTENT_TYPE_LATEST, Metrics
 from broadcaster.protocol import Payload, parse_json_body, validate_topic
-from broadcaster.settings import Settings
+from broadcaster.settings import MEMORY, Settings
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
@@ -81,7 +86,8 @@ class _Lane(Protocol):
 
 
 class Broadcaster:
-    """A hub and the routes that serve it.
+    """A hub, the bridge that shares it with other nodes (unless the backplane is
+    ``memory``), and the routes that serve them.
 
     Args:
         settings: queue bounds, policies and timeouts.
@@ -99,13 +105,27 @@ class Broadcaster:
         self, settings: Settings, on_hub_failure: Callable[[], None] = lambda: None
     ) -> None:
         self.settings = settings
+        # Tells this node's publishes from other nodes' on the broker, and this worker from
+        # others in /healthz.
+        self.node = secrets.token_bytes(NODE_ID_BYTES)
+        self.bridge = (
+            None
+            if settings.backplane == MEMORY
+            else Bridge(
+                open_backplane(settings),
+                self.node,
+                settings,
+                get_logger("broadcaster.backplane"),
+            )
+        )
         self.metrics = Metrics(settings.overflow)
         self.hub = Hub(
             mailbox_size=settings.hub_mailbox_size,
             logger=get_logger("broadcaster.hub"),
             observe_fanout=self.metrics.fanout_seconds.observe,
+            relay=self.bridge,
         )
-        self.metrics.watch(self.hub)
+        self.metrics.watch(self.hub, self.bridge)
         self.draining = False
         self._drain_asked = anyio.Event()
         self._on_drained: Callable[[], None] = lambda: None
@@ -115,9 +135,11 @@ class Broadcaster:
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
-        """Run the hub for as long as the context is open."""
+        """Run the hub, and the bridge when there is one, for as long as the context is open."""
         async with anyio.create_task_group() as tg:
             await tg.start(self._supervise)
+            if self.bridge is not None:
+                await tg.start(self.bridge.run, partial(self.hub.publish, source=Source.BACKPLANE))
             tg.start_soon(self._drain_when_asked)
             yield
             tg.cancel_scope.cancel()
@@ -226,8 +248,14 @@ class Broadcaster:
 
         @router.get("/healthz")
         async def healthz() -> JSONResponse:
-            running = self.hub.statistics().running
-            return JSONResponse({"status": "ok" if running else "down"}, 200 if running else 503)
+            stats = self.hub.statistics()
+            body = {
+                "status": "ok" if stats.running else "down",
+                "node": self.node.hex(),
+                "pid": os.getpid(),
+                "connections": stats.subscribers,
+            }
+            return JSONResponse(body, 200 if stats.running else 503)
 
         @router.get("/readyz")
         async def readyz() -> JSONResponse:
@@ -235,6 +263,11 @@ class Broadcaster:
                 return JSONResponse({"status": "draining"}, 503)
             if not self.hub.statistics().running:
                 return JSONResponse({"status": "down"}, 503)
+            if self.bridge is not None:
+                bridge = self.bridge.statistics()
+                if not bridge.up:
+                    body = {"status": "backplane_down", "detail": bridge.error or "connecting"}
+                    return JSONResponse(body, 503)
             return JSONResponse({"status": "ready"})
 
         @router.get("/topics")

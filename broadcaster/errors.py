@@ -6,6 +6,7 @@
     ├── ProtocolError          a client frame could not be understood; answered with an error frame
     ├── HubBusy                the hub's mailbox is full; HTTP publishers get 503
     ├── HubStopped             the hub is not running
+    ├── BackplaneDown          the broker cannot be reached; the bridge reconnects
     └── Closing                the connection must be closed with ``code`` and ``reason``
         ├── SlowConsumer       1013: the client could not keep up
         └── ShuttingDown       1001: the server is stopping
@@ -61,6 +62,10 @@ class HubBusy(BroadcasterError):
 
 class HubStopped(BroadcasterError):
     """The hub is not running, so nothing can be published or subscribed."""
+
+
+class BackplaneDown(BroadcasterError):
+    """The broker could not be reached, or the connection to it was lost."""
 
 
 class Closing(BroadcasterError):

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
     from structlog.typing import FilteringBoundLogger
 
+    from broadcaster.backplane import Relay
     from broadcaster.outbox import Outbox
 
 
@@ -41,6 +42,7 @@ class Source(StrEnum):
     WS = "ws"
     HTTP = "http"
     APP = "app"
+    BACKPLANE = "backplane"
 
 
 @dataclass(eq=False, slots=True)
@@ -161,6 +163,7 @@ class Hub:
             :class:`HubBusy` and the async senders wait.
         logger: the hub's logger.
         observe_fanout: told the seconds each publish took to fan out, for a histogram.
+        relay: told of topics opening and closing and of local publishes, to share them.
     """
 
     def __init__(
@@ -169,6 +172,7 @@ class Hub:
         mailbox_size: int,
         logger: FilteringBoundLogger,
         observe_fanout: Callable[[float], None] = lambda seconds: None,
+        relay: Relay | None = None,
     ) -> None:
         self._mailbox_size = mailbox_size
         self._log = logger
@@ -180,6 +184,7 @@ class Hub:
         self._departures: deque[Subscriber] = deque()
         self._published: Counter[str] = Counter()
         self._observe_fanout = observe_fanout
+        self._relay = relay
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve the mailbox until cancelled; then fail every subscriber's outbox.
@@ -339,6 +344,8 @@ class Hub:
                 for outbox in topic.mux:
                     outbox.send_nowait(frame)
         self._observe_fanout(perf_counter() - started)
+        if self._relay is not None and command.source is not Source.BACKPLANE:
+            self._relay.published(command.topic, command.payload)
         if command.receipt is not None:
             command.receipt._set(Receipt(command.topic, seq, subscribers))
 
@@ -346,6 +353,8 @@ class Hub:
         topic = self._topics.get(name)
         if topic is None:
             topic = self._topics[name] = _Topic()
+            if self._relay is not None:
+                self._relay.topic_opened(name)
         topic.members(subscriber.mode).add(subscriber.outbox)
         subscriber.topics.add(name)
         if subscriber.mode is Mode.MUX:
@@ -369,6 +378,8 @@ class Hub:
         topic.members(subscriber.mode).discard(subscriber.outbox)
         if not topic.raw and not topic.mux:
             del self._topics[name]
+            if self._relay is not None:
+                self._relay.topic_closed(name)
 
 
 def _drain(inbox: MemoryObjectReceiveStream[_Command]) -> list[_Command]:
