@@ -249,11 +249,15 @@ class Broadcaster:
         @router.get("/healthz")
         async def healthz() -> JSONResponse:
             stats = self.hub.statistics()
+            bridge = self.bridge.statistics() if self.bridge is not None else None
             body = {
                 "status": "ok" if stats.running else "down",
                 "node": self.node.hex(),
                 "pid": os.getpid(),
                 "connections": stats.subscribers,
+                "backplane": None
+                if bridge is None
+                else {"up": bridge.up, "topics": bridge.subscribed},
             }
             return JSONResponse(body, 200 if stats.running else 503)
 
