@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from anyio.abc import TaskStatus
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
     from structlog.typing import FilteringBoundLogger
 
     from broadcaster.backplane import Backplane, Link
@@ -122,12 +123,12 @@ class Bridge:
         self._delays = (settings.backplane_reconnect_min, settings.backplane_reconnect_max)
         self._log = logger
         self._jitter = jitter
-        self._outbound_in, self._outbound = anyio.create_memory_object_stream[tuple[str, Payload]](
-            settings.backplane_buffer
-        )
-        self._inbound_in, self._inbound = anyio.create_memory_object_stream[tuple[str, Payload]](
-            settings.backplane_buffer
-        )
+        self._buffer = settings.backplane_buffer
+        # Both buffers exist while run() runs; published() touches them only while up.
+        self._outbound_in: MemoryObjectSendStream[tuple[str, Payload]]
+        self._outbound: MemoryObjectReceiveStream[tuple[str, Payload]]
+        self._inbound_in: MemoryObjectSendStream[tuple[str, Payload]]
+        self._inbound: MemoryObjectReceiveStream[tuple[str, Payload]]
         self._wanted: set[str] = set()
         self._subscribed: set[str] = set()
         self._changed = anyio.Event()
@@ -189,20 +190,30 @@ class Bridge:
 
         Runs until cancelled; a lost broker is never an error here.
         """
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._deliver, deliver)
-            task_status.started()
-            failures = 0
-            while True:
-                links = self._links
-                error = await self._link_until_lost()
-                self._down(error)
-                failures = 0 if self._links > links else failures + 1
-                low, high = self._delays
-                delay = min(high, low * 2 ** max(0, failures - 1))
-                # Half fixed, half random ("equal jitter"): nodes that lost the broker
-                # together do not all come back in the same instant.
-                await anyio.sleep(delay / 2 + self._jitter() * delay / 2)
+        self._outbound_in, self._outbound = anyio.create_memory_object_stream[tuple[str, Payload]](
+            self._buffer
+        )
+        self._inbound_in, self._inbound = anyio.create_memory_object_stream[tuple[str, Payload]](
+            self._buffer
+        )
+        with self._outbound_in, self._outbound, self._inbound_in, self._inbound:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._deliver, deliver)
+                task_status.started()
+                await self._keep_linked()
+
+    async def _keep_linked(self) -> None:
+        failures = 0
+        while True:
+            links = self._links
+            error = await self._link_until_lost()
+            self._down(error)
+            failures = 0 if self._links > links else failures + 1
+            low, high = self._delays
+            delay = min(high, low * 2 ** max(0, failures - 1))
+            # Half fixed, half random ("equal jitter"): nodes that lost the broker together
+            # do not all come back in the same instant.
+            await anyio.sleep(delay / 2 + self._jitter() * delay / 2)
 
     async def _link_until_lost(self) -> str:
         reason = "the broker closed the connection"
