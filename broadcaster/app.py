@@ -139,7 +139,8 @@ class Broadcaster:
         async with anyio.create_task_group() as tg:
             await tg.start(self._supervise)
             if self.bridge is not None:
-                await tg.start(self.bridge.run, partial(self.hub.publish, source=Source.BACKPLANE))
+                deliver = partial(self.hub.publish_eagerly, source=Source.BACKPLANE)
+                await tg.start(self.bridge.run, deliver)
             tg.start_soon(self._drain_when_asked)
             yield
             tg.cancel_scope.cancel()

@@ -16,7 +16,6 @@ import anyio
 from broadcaster.errors import (
     CloseCode,
     Closing,
-    HubBusy,
     HubStopped,
     LagCause,
     ProtocolError,
@@ -189,7 +188,7 @@ class Connection:
     async def _read_loop(self, scope: anyio.CancelScope) -> None:
         while (message := await self._receive()) is not None:
             if self._topic is not None:
-                await self._publish(self._topic, Payload(message))
+                await self._hub.publish_eagerly(self._topic, Payload(message), Source.WS)
                 continue
             await self.outbox.wait_control_room(CONTROL_BACKLOG)
             try:
@@ -200,21 +199,12 @@ class Connection:
             if isinstance(command, Ping):
                 await self._hub.ping(self._subscriber)
             elif isinstance(command, Publish):
-                await self._publish(command.topic, command.payload)
+                await self._hub.publish_eagerly(command.topic, command.payload, Source.WS)
             elif isinstance(command, Subscribe):
                 await self._hub.subscribe(self._subscriber, command.topic)
             else:
                 await self._hub.unsubscribe(self._subscriber, command.topic)
         scope.cancel()
-
-    async def _publish(self, topic: str, payload: Payload) -> None:
-        # Without a checkpoint while the mailbox has room: the reader then passes on every
-        # frame that arrived in one read before the hub runs, and the hub fans them out as
-        # one burst, so that each sender wakes to a batch instead of to every frame.
-        try:
-            self._hub.publish_nowait(topic, payload, Source.WS)
-        except HubBusy:
-            await self._hub.publish(topic, payload, Source.WS)
 
     async def _send_loop(self, scope: anyio.CancelScope) -> None:
         try:

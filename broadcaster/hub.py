@@ -261,6 +261,18 @@ class Hub:
         """Publish to ``topic``, waiting for mailbox room (pushes back on the publisher)."""
         await self._send(_Publish(topic, payload, source, None))
 
+    async def publish_eagerly(self, topic: str, payload: Payload, source: Source) -> None:
+        """Publish like :meth:`publish`, but with no checkpoint while the mailbox has room.
+
+        A publisher with several messages at hand (a socket's frames from one read, the
+        backplane's buffer) then queues them all before the hub runs; the hub fans them out as
+        one burst, and each sender wakes to a batch instead of to every message.
+        """
+        try:
+            self.publish_nowait(topic, payload, source)
+        except HubBusy:
+            await self.publish(topic, payload, source)
+
     def publish_nowait(
         self, topic: str, payload: Payload, source: Source = Source.APP
     ) -> PendingReceipt:

@@ -186,7 +186,8 @@ class Bridge:
         """Link to the broker and keep relaying, reconnecting whenever the link is lost.
 
         Args:
-            deliver: hands another node's publish to the local hub, waiting for room.
+            deliver: hands another node's publish to the local hub (``Hub.publish_eagerly``),
+                waiting only while its mailbox is full.
 
         Runs until cancelled; a lost broker is never an error here.
         """
@@ -279,11 +280,23 @@ class Bridge:
         raise BackplaneDown("the broker closed the connection")
 
     async def _deliver(self, deliver: Callable[[str, Payload], Awaitable[None]]) -> None:
-        async for topic, payload in self._inbound:
-            try:
+        """Hand other nodes' publishes to the hub, all that are buffered in one go.
+
+        A checkpoint per message would let the hub wake every subscriber's sender once per
+        message; given a burst, the hub fans it out whole and each sender writes it in one
+        batch, as for a socket's frames. ``deliver`` waits only while the mailbox is full.
+        """
+        try:
+            async for topic, payload in self._inbound:
                 await deliver(topic, payload)
-            except HubStopped:
-                return  # the server is stopping
+                while True:
+                    try:
+                        topic, payload = self._inbound.receive_nowait()
+                    except anyio.WouldBlock:
+                        break
+                    await deliver(topic, payload)
+        except HubStopped:
+            return  # the server is stopping
 
     async def _send(self, link: Link) -> None:
         async for topic, payload in self._outbound:
