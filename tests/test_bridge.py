@@ -210,6 +210,9 @@ async def test_the_bridge_reconnects_after_refusals_and_resubscribes() -> None:
             broker.links[0].feed.close()
             await wait_until(lambda: len(broker.links) == 2 and bridge.statistics().up)
             assert broker.links[1].topics == {"a", "b"}
+        assert not bridge.statistics().up
+        bridge.published("a", Payload("after the end"))
+        assert bridge.statistics().unrelayed == 1
     downs = [log for log in logs if log["event"] == "backplane_down"]
     assert [log["error"] for log in downs] == ["the broker closed the connection"]
 

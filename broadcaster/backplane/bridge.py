@@ -197,11 +197,15 @@ class Bridge:
         self._inbound_in, self._inbound = anyio.create_memory_object_stream[tuple[str, Payload]](
             self._buffer
         )
-        with self._outbound_in, self._outbound, self._inbound_in, self._inbound:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._deliver, deliver)
-                task_status.started()
-                await self._keep_linked()
+        try:
+            with self._outbound_in, self._outbound, self._inbound_in, self._inbound:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._deliver, deliver)
+                    task_status.started()
+                    await self._keep_linked()
+        finally:
+            # The buffers are closed: the hub's publishes count as unrelayed from now on.
+            self._up = False
 
     async def _keep_linked(self) -> None:
         failures = 0
