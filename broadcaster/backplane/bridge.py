@@ -215,7 +215,7 @@ class Bridge:
             self._down(error)
             failures = 0 if self._links > links else failures + 1
             low, high = self._delays
-            delay = min(high, low * 2 ** max(0, failures - 1))
+            delay = min(high, low * 2**failures)
             # Half fixed, half random ("equal jitter"): nodes that lost the broker together
             # do not all come back in the same instant.
             await anyio.sleep(delay / 2 + self._jitter() * delay / 2)
