@@ -1,7 +1,9 @@
 """broadcaster: a WebSocket fan-out server where one slow client never stalls the others."""
 
 from broadcaster.app import Broadcaster, create_app
+from broadcaster.backplane.bridge import Bridge, BridgeStatistics
 from broadcaster.errors import (
+    BackplaneDown,
     BroadcasterError,
     CloseCode,
     Closing,
@@ -18,6 +20,9 @@ from broadcaster.policy import Overflow
 from broadcaster.settings import Settings
 
 __all__ = [
+    "BackplaneDown",
+    "Bridge",
+    "BridgeStatistics",
     "Broadcaster",
     "BroadcasterError",
     "CloseCode",

@@ -6,9 +6,12 @@ routes that reach it, so it can be mounted into an existing app as well as serve
 
 from __future__ import annotations
 
+import os
+import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
@@ -17,6 +20,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
 from broadcaster.auth import Authenticator, Grant, origin_allowed
+from broadcaster.backplane import NODE_ID_BYTES, open_backplane
+from broadcaster.backplane.bridge import Bridge
 from broadcaster.connection import FASTLANE, Connection
 from broadcaster.errors import HubBusy, HubStopped, ProtocolError, Refused
 from broadcaster.hub import Hub, Source, Subscriber
@@ -24,7 +29,7 @@ from broadcaster.log import get_logger
 from broadcaster.metrics import CONTENT_TYPE_LATEST, Metrics
 from broadcaster.policy import AddressLimiter
 from broadcaster.protocol import Payload, parse_json_body, validate_topic
-from broadcaster.settings import Settings
+from broadcaster.settings import MEMORY, Settings
 from broadcaster.writer import Writer
 
 if TYPE_CHECKING:
@@ -76,7 +81,8 @@ class _StarletteSocket:
 
 
 class Broadcaster:
-    """A hub and the routes that serve it.
+    """A hub, the bridge that shares it with other nodes (unless the backplane is
+    ``memory``), and the routes that serve them.
 
     Args:
         settings: queue bounds, policies and timeouts.
@@ -95,14 +101,28 @@ class Broadcaster:
         self, settings: Settings, on_hub_failure: Callable[[], None] = lambda: None
     ) -> None:
         self.settings = settings
+        # Tells this node's publishes from other nodes' on the broker, and this worker from
+        # others in /healthz.
+        self.node = secrets.token_bytes(NODE_ID_BYTES)
+        self.bridge = (
+            None
+            if settings.backplane == MEMORY
+            else Bridge(
+                open_backplane(settings),
+                self.node,
+                settings,
+                get_logger("broadcaster.backplane"),
+            )
+        )
         self.metrics = Metrics(settings.overflow)
         self.hub = Hub(
             mailbox_size=settings.hub_mailbox_size,
             logger=get_logger("broadcaster.hub"),
             max_subscriptions=settings.max_subscriptions,
             observe_fanout=self.metrics.fanout_seconds.observe,
+            relay=self.bridge,
         )
-        self.metrics.watch(self.hub)
+        self.metrics.watch(self.hub, self.bridge)
         self.writer = Writer(settings.send_timeout)
         self.draining = False
         self._drain_asked = anyio.Event()
@@ -124,10 +144,14 @@ class Broadcaster:
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
-        """Run the hub and the writer for as long as the context is open."""
+        """Run the hub, the writer, and the bridge when there is one, for as long as the context
+        is open."""
         async with anyio.create_task_group() as tg:
             await tg.start(self._supervise, "hub", self.hub.run)
             await tg.start(self._supervise, "writer", self.writer.run)
+            if self.bridge is not None:
+                deliver = partial(self.hub.publish_eagerly, source=Source.BACKPLANE)
+                await tg.start(self.bridge.run, deliver)
             tg.start_soon(self._drain_when_asked)
             yield
             tg.cancel_scope.cancel()
@@ -285,8 +309,18 @@ class Broadcaster:
 
         @router.get("/healthz")
         async def healthz() -> JSONResponse:
-            running = self.hub.statistics().running
-            return JSONResponse({"status": "ok" if running else "down"}, 200 if running else 503)
+            stats = self.hub.statistics()
+            bridge = self.bridge.statistics() if self.bridge is not None else None
+            body = {
+                "status": "ok" if stats.running else "down",
+                "node": self.node.hex(),
+                "pid": os.getpid(),
+                "connections": stats.subscribers,
+                "backplane": None
+                if bridge is None
+                else {"up": bridge.up, "topics": bridge.subscribed},
+            }
+            return JSONResponse(body, 200 if stats.running else 503)
 
         @router.get("/readyz")
         async def readyz() -> JSONResponse:
@@ -294,6 +328,11 @@ class Broadcaster:
                 return JSONResponse({"status": "draining"}, 503)
             if not self.hub.statistics().running:
                 return JSONResponse({"status": "down"}, 503)
+            if self.bridge is not None:
+                bridge = self.bridge.statistics()
+                if not bridge.up:
+                    body = {"status": "backplane_down", "detail": bridge.error or "connecting"}
+                    return JSONResponse(body, 503)
             return JSONResponse({"status": "ready"})
 
         @router.get("/topics")

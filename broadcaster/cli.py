@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
 import sys
 from enum import StrEnum
 from functools import partial
@@ -23,6 +24,7 @@ from broadcaster.log import configure_logging
 from broadcaster.protocol import Mode
 from broadcaster.server import run
 from broadcaster.settings import Settings, describe_errors
+from broadcaster.workers import supervise
 
 cli = typer.Typer(
     help="WebSocket fan-out server where one slow client never stalls the others.",
@@ -56,12 +58,29 @@ def serve(
         str | None, typer.Option(help="Address to bind [env: BROADCASTER_HOST].")
     ] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind [env: BROADCASTER_PORT].")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Worker processes on the port; more than 1 needs a shared "
+            "BROADCASTER_BACKPLANE [env: BROADCASTER_WORKERS]."
+        ),
+    ] = None,
+    listen_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+    supervisor: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Run the server until SIGINT or SIGTERM, then close every socket with 1001."""
-    settings = load_settings(host=host, port=port)
+    settings = load_settings(host=host, port=port, workers=workers)
     configure_logging(settings.log_level, settings.log_format)
+    make_app = partial(create_app, settings)
     try:
-        status = run(settings, partial(create_app, settings))
+        if listen_fd is not None:
+            # A worker of `--workers N`: its supervisor bound the socket.
+            inherited = socket.socket(fileno=listen_fd)
+            status = run(settings, make_app, sock=inherited, supervisor=supervisor)
+        elif settings.workers > 1:
+            status = supervise(settings)
+        else:
+            status = run(settings, make_app)
     except OSError as error:
         typer.echo(
             f"broadcaster: cannot bind {settings.host}:{settings.port}: {error.strerror}", err=True

@@ -21,7 +21,6 @@ from broadcaster.auth import FULL, Grant
 from broadcaster.errors import (
     CloseCode,
     Closing,
-    HubBusy,
     HubStopped,
     LagCause,
     ProtocolError,
@@ -256,7 +255,7 @@ class Connection:
             if self._topic is not None:
                 if raw_refusal is not None:
                     raise raw_refusal
-                await self._publish(self._topic, Payload(message))
+                await self._hub.publish_eagerly(self._topic, Payload(message), Source.WS)
                 continue
             await self.outbox.wait_control_room(CONTROL_BACKLOG)
             try:
@@ -268,7 +267,7 @@ class Connection:
             if isinstance(command, Ping):
                 await self._hub.ping(self._subscriber)
             elif isinstance(command, Publish):
-                await self._publish(command.topic, command.payload)
+                await self._hub.publish_eagerly(command.topic, command.payload, Source.WS)
             elif isinstance(command, Subscribe):
                 self._subscribing = True
                 await self._hub.subscribe(self._subscriber, command.topic)
@@ -325,15 +324,6 @@ class Connection:
         if not self._subscriber.topics:
             raise Closing(CloseCode.POLICY_VIOLATION, "idle timeout")
         return await self._socket.receive()
-
-    async def _publish(self, topic: str, payload: Payload) -> None:
-        # Without a checkpoint while the mailbox has room: the reader then passes on every
-        # frame that arrived in one read before the hub runs, and the hub fans them out as
-        # one burst, so that each sender wakes to a batch instead of to every frame.
-        try:
-            self._hub.publish_nowait(topic, payload, Source.WS)
-        except HubBusy:
-            await self._hub.publish(topic, payload, Source.WS)
 
     async def _send_loop(self) -> None:
         try:

@@ -7,6 +7,7 @@
     ├── HubBusy                the hub's mailbox is full; HTTP publishers get 503
     ├── HubStopped             the hub is not running
     ├── Refused                a handshake or HTTP publish is refused with an HTTP status
+    ├── BackplaneDown          the broker cannot be reached; the bridge reconnects
     └── Closing                the connection must be closed with ``code`` and ``reason``
         ├── SlowConsumer       1013: the client could not keep up
         └── ShuttingDown       1001: the server is stopping
@@ -62,6 +63,10 @@ class HubBusy(BroadcasterError):
 
 class HubStopped(BroadcasterError):
     """The hub is not running, so nothing can be published or subscribed."""
+
+
+class BackplaneDown(BroadcasterError):
+    """The broker could not be reached, or the connection to it was lost."""
 
 
 class Closing(BroadcasterError):

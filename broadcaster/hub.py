@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
     from structlog.typing import FilteringBoundLogger
 
+    from broadcaster.backplane import Relay
     from broadcaster.outbox import Outbox
 
 
@@ -48,6 +49,7 @@ class Source(StrEnum):
     WS = "ws"
     HTTP = "http"
     APP = "app"
+    BACKPLANE = "backplane"
 
 
 @dataclass(eq=False, slots=True)
@@ -170,6 +172,7 @@ class Hub:
         max_subscriptions: topics one connection may subscribe to; a subscribe past it is
             answered with a ``too_many_subscriptions`` error frame.
         observe_fanout: told the seconds each publish took to fan out, for a histogram.
+        relay: told of topics opening and closing and of local publishes, to share them.
     """
 
     def __init__(
@@ -179,6 +182,7 @@ class Hub:
         logger: FilteringBoundLogger,
         max_subscriptions: int,
         observe_fanout: Callable[[float], None] = lambda seconds: None,
+        relay: Relay | None = None,
     ) -> None:
         self._mailbox_size = mailbox_size
         self._log = logger
@@ -191,6 +195,7 @@ class Hub:
         self._departures: deque[Subscriber] = deque()
         self._published: Counter[str] = Counter()
         self._observe_fanout = observe_fanout
+        self._relay = relay
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve the mailbox until cancelled; then fail every subscriber's outbox.
@@ -266,6 +271,18 @@ class Hub:
     async def publish(self, topic: str, payload: Payload, source: Source = Source.APP) -> None:
         """Publish to ``topic``, waiting for mailbox room (pushes back on the publisher)."""
         await self._send(_Publish(topic, payload, source, None))
+
+    async def publish_eagerly(self, topic: str, payload: Payload, source: Source) -> None:
+        """Publish like :meth:`publish`, but with no checkpoint while the mailbox has room.
+
+        A publisher with several messages at hand (a socket's frames from one read, the
+        backplane's buffer) then queues them all before the hub runs; the hub fans them out as
+        one burst, and each sender wakes to a batch instead of to every message.
+        """
+        try:
+            self.publish_nowait(topic, payload, source)
+        except HubBusy:
+            await self.publish(topic, payload, source)
 
     def publish_nowait(
         self, topic: str, payload: Payload, source: Source = Source.APP
@@ -350,6 +367,8 @@ class Hub:
                 for outbox in topic.mux:
                     outbox.send_nowait(frame)
         self._observe_fanout(perf_counter() - started)
+        if self._relay is not None and command.source is not Source.BACKPLANE:
+            self._relay.published(command.topic, command.payload)
         if command.receipt is not None:
             command.receipt._set(Receipt(command.topic, seq, subscribers))
 
@@ -364,6 +383,8 @@ class Hub:
         topic = self._topics.get(name)
         if topic is None:
             topic = self._topics[name] = _Topic()
+            if self._relay is not None:
+                self._relay.topic_opened(name)
         topic.members(subscriber.mode).add(subscriber.outbox)
         subscriber.topics.add(name)
         if subscriber.mode is Mode.MUX:
@@ -387,6 +408,8 @@ class Hub:
         topic.members(subscriber.mode).discard(subscriber.outbox)
         if not topic.raw and not topic.mux:
             del self._topics[name]
+            if self._relay is not None:
+                self._relay.topic_closed(name)
 
 
 def _drain(inbox: MemoryObjectReceiveStream[_Command]) -> list[_Command]:

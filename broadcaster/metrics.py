@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from prometheus_client.core import Metric
 
+    from broadcaster.backplane.bridge import Bridge
     from broadcaster.hub import Hub
     from broadcaster.policy import Overflow
 
@@ -64,9 +65,11 @@ class Metrics:
         )
         self._overflow = overflow
 
-    def watch(self, hub: Hub) -> None:
-        """Read ``hub``'s registry, mailbox and outboxes at every scrape."""
+    def watch(self, hub: Hub, bridge: Bridge | None = None) -> None:
+        """Read ``hub``'s registry, mailbox and outboxes, and ``bridge``, at every scrape."""
         self.registry.register(_Collector(hub, self.totals, self._overflow))
+        if bridge is not None:
+            self.registry.register(_BridgeCollector(bridge))
 
     def exposition(self) -> bytes:
         """Render every metric in the Prometheus text format."""
@@ -151,6 +154,47 @@ class _Collector(Collector):
             "Messages queued per connection, sampled at scrape time.",
             buckets=[*buckets, ("+Inf", len(depths))],
             sum_value=sum(depths),
+        )
+
+
+class _BridgeCollector(Collector):
+    def __init__(self, bridge: Bridge) -> None:
+        self._bridge = bridge
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._bridge.statistics()
+        yield GaugeMetricFamily(
+            "broadcaster_backplane_up",
+            "1 while linked to the broker with every wanted topic subscribed.",
+            int(stats.up),
+        )
+        yield GaugeMetricFamily(
+            "broadcaster_backplane_topics", "Topics subscribed on the broker.", stats.subscribed
+        )
+        yield CounterMetricFamily(
+            "broadcaster_backplane_links", "Links made to the broker.", stats.links
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "broadcaster_backplane_messages",
+                "Messages relayed through the broker, by direction.",
+                labels=["direction"],
+            ),
+            {"outbound": stats.sent, "inbound": stats.received},
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "broadcaster_backplane_messages_dropped",
+                "Messages not relayed, by why: a full buffer either way, the broker being "
+                "down when published, or a message that was not broadcaster's.",
+                labels=["reason"],
+            ),
+            {
+                "outbound_overflow": stats.outbound_dropped,
+                "inbound_overflow": stats.inbound_dropped,
+                "broker_down": stats.unrelayed,
+                "malformed": stats.malformed,
+            },
         )
 
 

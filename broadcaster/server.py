@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import resource
+import signal
 import socket
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
@@ -294,20 +296,38 @@ class _DrainingServer(uvicorn.Server):
     """uvicorn's server, draining the app before it stops on the first SIGINT or SIGTERM.
 
     The first signal asks the app to drain (see ``Broadcaster.request_drain``), which sets
-    ``should_exit`` once outboxes have flushed; a second signal stops at once.
+    ``should_exit`` once outboxes have flushed; a second signal stops at once. A worker
+    (``supervisor`` set) takes SIGTERM from its supervisor only and ignores the SIGINT that a
+    terminal sends its whole process group, and stops at once if the supervisor goes away.
     """
 
-    def __init__(self, config: uvicorn.Config, drain: Callable[[Callable[[], None]], None] | None):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        drain: Callable[[Callable[[], None]], None] | None,
+        supervisor: int | None = None,
+    ):
         super().__init__(config)
         self._drain = drain
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._supervisor = supervisor
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
+    async def on_tick(self, counter: int) -> bool:
+        """Stop a worker whose supervisor has gone: nobody would ever stop it otherwise."""
+        if self._supervisor is not None and os.getppid() != self._supervisor:
+            if not self.should_exit:
+                logger.warning("supervisor_gone", supervisor=self._supervisor)
+            self.should_exit = True
+        return await super().on_tick(counter)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._supervisor is not None and sig == signal.SIGINT:
+            return  # the supervisor has seen it too, and says SIGTERM
         # Unlike uvicorn's own handler, this one does not record the signal, so uvicorn does
         # not raise it again after shutting down and a graceful stop exits with status 0.
         if self._drain is None or self._loop is None or self._draining:
@@ -322,7 +342,13 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run(settings: Settings, make_app: Callable[[Callable[[], None]], Any]) -> int:
+def run(
+    settings: Settings,
+    make_app: Callable[[Callable[[], None]], Any],
+    *,
+    sock: socket.socket | None = None,
+    supervisor: int | None = None,
+) -> int:
     """Serve an app until SIGINT or SIGTERM and return the process's exit status.
 
     Args:
@@ -330,11 +356,14 @@ def run(settings: Settings, make_app: Callable[[Callable[[], None]], Any]) -> in
         make_app: builds the ASGI app; it is given the callback that stops the server, for
             :class:`broadcaster.app.Broadcaster`'s ``on_hub_failure``. When the app's
             ``state.broadcaster`` is a Broadcaster, the first signal drains it first.
+        sock: a listening socket to serve instead of binding one (a worker's, from its
+            supervisor).
+        supervisor: the process id of the worker's supervisor.
 
     Raises:
         OSError: the address cannot be bound.
     """
-    sock = bind(settings)
+    sock = sock or bind(settings)
     open_files = _raise_open_files_limit()
     hub_failed = False
 
@@ -346,7 +375,9 @@ def run(settings: Settings, make_app: Callable[[Callable[[], None]], Any]) -> in
     app = make_app(stop_on_hub_failure)
     live = getattr(getattr(app, "state", None), "broadcaster", None)
     server = _DrainingServer(
-        uvicorn_config(app, settings), live.request_drain if live is not None else None
+        uvicorn_config(app, settings),
+        live.request_drain if live is not None else None,
+        supervisor,
     )
     logger.info(
         "server_starting", host=settings.host, port=sock.getsockname()[1], open_files=open_files

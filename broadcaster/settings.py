@@ -5,9 +5,11 @@ No other module reads the environment: the CLI builds one :class:`Settings` and 
 
 from __future__ import annotations
 
+import importlib.util
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Self
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -15,6 +17,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -95,6 +98,10 @@ Secret = Annotated[
     AfterValidator(lambda secret: secret and _long_enough(MIN_SECRET_LENGTH)(secret)),
 ]
 PublicKey = Annotated[SecretStr | None, BeforeValidator(_read_key), AfterValidator(_valid_key)]
+
+# The backplane URL schemes, and the client module (and extra of the same name) each needs.
+BACKPLANE_SCHEMES = {"redis": "redis", "rediss": "redis", "nats": "nats", "tls": "nats"}
+MEMORY = "memory"
 
 
 class LogFormat(StrEnum):
@@ -225,10 +232,67 @@ class Settings(BaseSettings):
         description="Client addresses whose handshake rate is tracked; the least recently "
         "seen is forgotten first.",
     )
+    workers: PositiveInt = Field(
+        1,
+        description="Worker processes serving one port; more than one needs a shared backplane.",
+    )
+    backplane: str = Field(
+        MEMORY,
+        description="`memory` (one process), or the broker that nodes share messages through: "
+        "`redis://HOST:PORT[/DB]` or `nats://HOST:PORT`.",
+    )
+    backplane_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = Field(
+        "broadcaster",
+        description="Namespace of this deployment's channels (Redis) or subjects (NATS).",
+    )
+    backplane_buffer: PositiveInt = Field(
+        10_000,
+        description="Messages queued toward the broker, and from it toward the hub, before "
+        "more are dropped and counted.",
+    )
+    backplane_timeout: PositiveFloat = Field(
+        5.0,
+        description="Seconds a broker connect, subscribe, publish or ping may take before the "
+        "broker is taken for down.",
+    )
+    backplane_reconnect_min: PositiveFloat = Field(
+        0.1, description="Seconds before the first reconnect to a lost broker; doubles per try."
+    )
+    backplane_reconnect_max: PositiveFloat = Field(
+        5.0, description="Most seconds between two reconnect tries (before jitter)."
+    )
     log_level: LogLevel = Field(LogLevel.INFO, description="Least severe level logged.")
     log_format: LogFormat | None = Field(
         None, description="`console` or `json`; unset picks console on a terminal, json otherwise."
     )
+
+    @field_validator("backplane")
+    @classmethod
+    def _known_broker(cls, url: str) -> str:
+        if url == MEMORY:
+            return url
+        parts = urlsplit(url)
+        module = BACKPLANE_SCHEMES.get(parts.scheme)
+        if module is None or not parts.hostname:
+            raise ValueError("use memory, redis://HOST:PORT[/DB] or nats://HOST:PORT")
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"{parts.scheme}:// needs pip install 'broadcaster[{module}]'")
+        return url
+
+    @model_validator(mode="after")
+    def _workers_share_a_broker(self) -> Self:
+        if self.workers > 1 and self.backplane == MEMORY:
+            raise ValueError(
+                f"{ENV_PREFIX}WORKERS={self.workers} needs {ENV_PREFIX}BACKPLANE set to a broker "
+                "(redis://... or nats://...): with the memory backplane, clients on different "
+                "workers would not see each other's messages"
+            )
+        if self.backplane_reconnect_min > self.backplane_reconnect_max:
+            raise ValueError(
+                f"{ENV_PREFIX}BACKPLANE_RECONNECT_MIN must not exceed "
+                f"{ENV_PREFIX}BACKPLANE_RECONNECT_MAX"
+            )
+        return self
 
     @model_validator(mode="after")
     def _message_fits_outbox(self) -> Self:

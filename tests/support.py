@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import httpx
 import jwt
 import pytest
 import uvicorn
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from wsproto import ConnectionType, WSConnection
@@ -65,6 +67,10 @@ def token(
 def pem(key: PublicKeyTypes) -> str:
     """The PEM text of a public key."""
     return key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+# Seconds a server process gets to stop on SIGTERM before it is killed.
+STOP_SECONDS = 20
 
 
 async def wait_until(predicate: Callable[[], bool], deadline: float = 10.0) -> None:
@@ -117,6 +123,47 @@ async def running_server(
         await wait_until(lambda: server.started)
         yield LiveServer(server, app.state.broadcaster, sock.getsockname()[1])
         server.should_exit = True
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(live: LiveServer) -> Samples:
+    """Return every sample at /metrics, keyed by name and labels."""
+    async with httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http:
+        response = await http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+Health = dict[str, dict[str, Any]]
+
+
+async def node_health(base_url: str, nodes: int, until: Callable[[Health], bool]) -> Health:
+    """Ask ``/healthz`` over a new connection each time, keeping each node's last answer by its
+    id, until ``nodes`` nodes have answered and ``until`` holds for the answers.
+
+    Behind one port with several workers, each new connection may land on another worker.
+    """
+    answers: Health = {}
+    with anyio.fail_after(10):
+        while len(answers) < nodes or not until(answers):
+            async with httpx.AsyncClient(base_url=base_url, trust_env=False) as http:
+                answer = (await http.get("/healthz")).json()
+            answers[answer["node"]] = answer
+    return answers
+
+
+def subscribed_to(topics: int) -> Callable[[Health], bool]:
+    """Whether every node has its backplane up with ``topics`` topics subscribed."""
+    return lambda answers: all(
+        answer["backplane"] == {"up": True, "topics": topics} for answer in answers.values()
+    )
 
 
 @asynccontextmanager
@@ -198,13 +245,16 @@ async def receive_envelopes(connection: ClientConnection, count: int) -> list[di
 
 
 @contextmanager
-def serving(env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """Start ``broadcaster serve --port 0`` and read the port it bound from its first log line.
+def serving(
+    env: dict[str, str] | None = None, *args: str
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Start ``broadcaster serve --port 0 ARGS`` and read the port it bound from its first log
+    line; stop it with SIGTERM (then SIGKILL) on exit, so that it writes its coverage data.
 
     Its other log lines are left unread: a test must not log more than a pipe holds.
     """
     process = subprocess.Popen(
-        [sys.executable, "-m", "broadcaster", "serve", "--port", "0"],
+        [sys.executable, "-m", "broadcaster", "serve", "--port", "0", *args],
         env={**os.environ, **(env or {}), "BROADCASTER_LOG_FORMAT": "json"},
         stderr=subprocess.PIPE,
         text=True,
@@ -215,8 +265,12 @@ def serving(env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Pope
         assert first["event"] == "server_starting"
         yield process, first["port"]
     finally:
-        process.kill()
-        process.wait()
+        process.terminate()
+        try:
+            process.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
         if process.stderr is not None:
             process.stderr.close()
 

@@ -37,6 +37,9 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         ("BROADCASTER_QUEUE_MAX_BYTES", "lots", "valid integer"),
         ("BROADCASTER_LAG_TIMEOUT", "-1", "greater than 0"),
         ("BROADCASTER_PORT", "70000", "less than or equal to 65535"),
+        ("BROADCASTER_BACKPLANE", "kafka://127.0.0.1:9092", "use memory, redis://"),
+        ("BROADCASTER_BACKPLANE", "redis://", "use memory, redis://"),
+        ("BROADCASTER_BACKPLANE_PREFIX", "a b", "should match pattern"),
     ],
 )
 def test_bad_setting_exits_2_naming_the_variable(variable: str, value: str, expected: str) -> None:
@@ -54,6 +57,14 @@ def test_message_larger_than_the_outbox_is_refused() -> None:
     assert result.returncode == 2
     assert "BROADCASTER_MAX_MESSAGE_BYTES" in result.stderr
     assert "BROADCASTER_QUEUE_MAX_BYTES" in result.stderr
+
+
+def test_several_workers_need_a_broker() -> None:
+    """--workers 2 with the memory backplane is refused with status 2, naming both variables."""
+    result = run({}, "--workers", "2")
+    assert result.returncode == 2
+    assert "BROADCASTER_WORKERS=2 needs BROADCASTER_BACKPLANE" in result.stderr
+    assert "would not see each other's messages" in result.stderr
 
 
 def test_busy_port_exits_2() -> None:

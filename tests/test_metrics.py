@@ -8,16 +8,15 @@ from typing import TYPE_CHECKING
 
 import anyio
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from broadcaster.policy import Overflow
 from broadcaster.settings import Settings
 from tests.support import (
-    LiveServer,
     client,
     receive_envelopes,
     receive_json,
     running_server,
+    scrape,
     subscribe,
     wait_until,
 )
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
 
 BIG = 60_000
 COUNT = 200
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def settings(overflow: Overflow) -> Settings:
@@ -39,19 +37,6 @@ def settings(overflow: Overflow) -> Settings:
         max_message_bytes=BIG + 1024,
         log_format="json",
     )
-
-
-async def scrape(live: LiveServer) -> Samples:
-    """Return every sample at /metrics, keyed by name and labels."""
-    async with httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http:
-        response = await http.get("/metrics")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
 
 
 async def test_metrics_count_exactly_what_a_drop_oldest_run_did() -> None:

@@ -296,3 +296,40 @@ def test_a_key_file_that_is_not_text_is_refused_without_its_content(tmp_path: Pa
         "BROADCASTER_JWT_PUBLIC_KEY=<hidden>: Value error, neither PEM text nor a readable PEM "
         "file (not text)"
     ]
+
+
+def test_scale_out_defaults() -> None:
+    """One worker, the memory backplane, and the documented broker settings."""
+    settings = Settings()
+    assert (settings.workers, settings.backplane) == (1, "memory")
+    assert settings.backplane_prefix == "broadcaster"
+    assert (settings.backplane_buffer, settings.backplane_timeout) == (10_000, 5.0)
+    assert (settings.backplane_reconnect_min, settings.backplane_reconnect_max) == (0.1, 5.0)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379", "rediss://cache:6380/2", "nats://127.0.0.1:4222", "tls://n:1"]
+)
+def test_broker_urls_are_accepted(url: str) -> None:
+    """Redis and NATS URLs, with or without TLS, are taken as they are."""
+    assert Settings(backplane=url, workers=2).backplane == url
+
+
+def test_a_broker_without_its_client_library_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A broker whose client library is not installed is refused, naming the extra."""
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    monkeypatch.setenv("BROADCASTER_BACKPLANE", "nats://127.0.0.1:4222")
+    assert describe_errors(settings_error()) == [
+        "BROADCASTER_BACKPLANE='nats://127.0.0.1:4222': "
+        "Value error, nats:// needs pip install 'broadcaster[nats]'"
+    ]
+
+
+def test_reconnect_delays_must_be_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first reconnect delay above the cap is refused, naming both variables."""
+    monkeypatch.setenv("BROADCASTER_BACKPLANE_RECONNECT_MIN", "10")
+    (line,) = describe_errors(settings_error())
+    assert "BROADCASTER_BACKPLANE_RECONNECT_MIN must not exceed" in line
+    assert "BROADCASTER_BACKPLANE_RECONNECT_MAX" in line

@@ -89,6 +89,7 @@ def test_latency_buckets_keep_three_percent(micros: int) -> None:
         (Scenario(fast=0), Thresholds(), "at least one client"),
         (Scenario(size=8), Thresholds(), "--size must be at least"),
         (Scenario(url="http://x"), Thresholds(), "--url must start with ws://"),
+        (Scenario(publish_url="http://x"), Thresholds(), "publisher's URL must start with ws://"),
         (Scenario(server_env={"PATH": "/"}), Thresholds(), "only BROADCASTER_* variables"),
         (Scenario(url="ws://x:1"), Thresholds(max_rss_mib=10), "--max-rss-mib needs a spawned"),
         (Scenario(), Thresholds(require_stalled_closed=True), "needs stalled clients"),

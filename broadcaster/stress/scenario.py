@@ -70,6 +70,9 @@ class Scenario:
 
     Args:
         url: ``ws://host:port`` of a running server; ``None`` spawns one.
+        publish_url: ``ws://host:port`` of another node sharing a backplane with ``url``'s,
+            for the publisher, so that every message crosses the broker; ``None`` publishes to
+            the receivers' server.
         server_env: ``BROADCASTER_*`` variables for a spawned server.
         server_command: the Python arguments that start a spawned server; whatever it runs
             must log ``server_starting`` with its ``port`` as a JSON line on stderr, as
@@ -92,6 +95,7 @@ class Scenario:
     """
 
     url: str | None = None
+    publish_url: str | None = None
     server_env: Mapping[str, str] = field(default_factory=dict)
     server_command: tuple[str, ...] = ("-m", "broadcaster", "serve", "--port", "0")
     mode: Mode = Mode.MUX
@@ -129,6 +133,8 @@ class Scenario:
             problems.append("at least one client is needed (--fast, --slow, --stalled, --churn)")
         if self.url is not None and not self.url.startswith(("ws://", "wss://")):
             problems.append(f"--url must start with ws:// or wss://, not {self.url!r}")
+        if self.publish_url is not None and not self.publish_url.startswith(("ws://", "wss://")):
+            problems.append(f"the publisher's URL must start with ws://, not {self.publish_url!r}")
         if self.url is not None and self.server_env:
             problems.append("--env applies to a spawned server only (--spawn)")
         problems += [
@@ -324,7 +330,7 @@ class _Runner:
         ]
         shares = [tuple(specs[i :: scenario.procs]) for i in range(scenario.procs)]
         publisher = PublisherPlan(
-            base_url=self.base_url,
+            base_url=(scenario.publish_url or self.base_url).rstrip("/"),
             mode=scenario.mode,
             via=scenario.via,
             topics=topics,

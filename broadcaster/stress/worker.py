@@ -172,7 +172,7 @@ class Worker:
                 try:
                     await self.publisher.open()
                 except (OSError, WSError) as error:
-                    url = self.plan.base_url
+                    url = self.publisher.plan.base_url
                     self.pipe.send(Failed(self.plan.index, f"cannot publish to {url}: {error!r}"))
                     return
             else:

@@ -1,0 +1,118 @@
+"""Sharing messages between nodes through a broker: the interface, its wire format, the choice.
+
+A node is one server process. Its :class:`Bridge` stands between the local hub and a
+:class:`Backplane`: it subscribes the broker to the topics that local clients want, sends the
+node's publishes to the broker and hands what other nodes published to the hub. Two backplanes
+ship: Redis pub/sub (:mod:`broadcaster.backplane.redis_broker`) and NATS
+(:mod:`broadcaster.backplane.nats_broker`); ``BROADCASTER_BACKPLANE=memory`` runs no bridge.
+
+On the broker every message is ``MAGIC``, the publishing node's id, one byte for the kind of
+payload (``t`` text, ``b`` bytes, ``j`` JSON) and the payload's bytes, so that raw and
+multiplexed subscribers on every node receive what they would have received on the node where
+it was published.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Protocol
+
+from broadcaster.protocol import Payload
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+    from contextlib import AbstractAsyncContextManager
+
+    from broadcaster.settings import Settings
+
+__all__ = ["NODE_ID_BYTES", "Backplane", "Link", "Relay", "decode", "encode", "open_backplane"]
+
+MAGIC = b"bc1"
+NODE_ID_BYTES = 8
+_HEADER = len(MAGIC) + NODE_ID_BYTES + 1
+
+
+class Relay(Protocol):
+    """Told, from inside the hub's task, what other nodes need to know; must never block."""
+
+    def topic_opened(self, topic: str) -> None:
+        """``topic`` got its first local subscriber."""
+
+    def topic_closed(self, topic: str) -> None:
+        """``topic`` lost its last local subscriber."""
+
+    def published(self, topic: str, payload: Payload) -> None:
+        """A publish that did not come from the backplane was fanned out locally."""
+
+
+class Link(Protocol):
+    """One connection to the broker. Every method raises ``BackplaneDown`` when it is lost."""
+
+    def messages(self) -> AsyncIterator[tuple[str, bytes]]:
+        """Yield ``(topic, message)`` for the subscribed topics; ends when the link is lost."""
+
+    async def subscribe(self, topics: Sequence[str]) -> None:
+        """Subscribe to ``topics``, returning once the broker has taken the subscriptions."""
+
+    async def unsubscribe(self, topics: Sequence[str]) -> None:
+        """Stop receiving ``topics``."""
+
+    async def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Publish each ``(topic, message)`` in order."""
+
+    async def ping(self) -> None:
+        """Return once the broker has answered."""
+
+
+class Backplane(Protocol):
+    """A broker that links can be opened to."""
+
+    def connect(self) -> AbstractAsyncContextManager[Link]:
+        """Open a link, closed when the context exits.
+
+        Raises:
+            BackplaneDown: the broker cannot be reached.
+        """
+
+
+def open_backplane(settings: Settings) -> Backplane:
+    """Return the backplane ``BROADCASTER_BACKPLANE`` names (not ``memory``).
+
+    The client library is imported here, so that it is needed only when it is used.
+    """
+    if settings.backplane.startswith(("nats:", "tls:")):
+        from broadcaster.backplane.nats_broker import NatsBackplane
+
+        return NatsBackplane(settings.backplane, settings.backplane_prefix)
+    from broadcaster.backplane.redis_broker import RedisBackplane
+
+    return RedisBackplane(settings.backplane, settings.backplane_prefix)
+
+
+def encode(node: bytes, payload: Payload) -> bytes:
+    """Encode ``payload``, published on ``node``, for the broker."""
+    if payload.json is not None:
+        return MAGIC + node + b"j" + payload.json.encode()
+    if isinstance(payload.raw, str):
+        return MAGIC + node + b"t" + payload.raw.encode()
+    return MAGIC + node + b"b" + payload.raw
+
+
+def decode(message: bytes) -> tuple[bytes, Payload]:
+    """Return the node that published ``message`` and its payload.
+
+    Raises:
+        ValueError: ``message`` was not encoded by :func:`encode`.
+    """
+    if len(message) < _HEADER or not message.startswith(MAGIC):
+        raise ValueError("not a broadcaster message")
+    node, kind, body = message[len(MAGIC) : _HEADER - 1], message[_HEADER - 1], message[_HEADER:]
+    if kind == ord("b"):
+        return node, Payload(body)
+    text = body.decode()
+    if kind == ord("t"):
+        return node, Payload(text)
+    if kind == ord("j"):
+        # A JSON string reaches raw subscribers as the string itself, as on its own node.
+        return node, Payload(json.loads(text) if text.startswith('"') else text, text)
+    raise ValueError("unknown payload kind")
