@@ -47,8 +47,8 @@ class _StarletteSocket:
     """The :class:`broadcaster.connection.Socket` over a Starlette WebSocket.
 
     It offers the server's fastlane as its lane when there is one (see
-    :class:`broadcaster.server.FastLane`); its own :meth:`send` writes plain ASGI messages.
-    The bytes on the wire are the same.
+    :class:`broadcaster.uvicorn_protocols.FastLane`); its own :meth:`send` writes plain ASGI
+    messages. The bytes on the wire are the same.
     """
 
     __slots__ = ("_websocket", "lane")

@@ -152,8 +152,7 @@ class Connection:
         )
         lane = socket.lane if writer is not None else None
         self._lane = lane
-        # The connection's scope once it runs; the outbox cancels it when it fails, since the
-        # sender may be blocked in a socket write.
+        # The task group's scope, for a connection with a sender task of its own (see _fail).
         self._scope: anyio.CancelScope | None = None
         self.outbox = Outbox(
             max_messages=settings.queue_max_messages,
@@ -161,7 +160,7 @@ class Connection:
             overflow=settings.overflow,
             lag_timeout=settings.lag_timeout,
             logger=logger,
-            on_fail=self._cancel,
+            on_fail=self._fail,
             on_ready=None if writer is None or lane is None else partial(writer.schedule, lane),
         )
         mode = Mode.MUX if topic is None else Mode.RAW
@@ -169,8 +168,14 @@ class Connection:
             self.outbox, mode, conn_id=conn_id, peer=peer, opened_at=time.monotonic()
         )
 
-    def _cancel(self, error: Closing) -> None:
-        if self._scope is not None:
+    def _fail(self, error: Closing) -> None:
+        # The outbox failed: end the reader, which waits on the socket (or, briefly, on the
+        # hub). A lane closes the socket itself, which ends that wait without the cost of a
+        # cancel scope per connection; a sender task of its own may be stuck in a socket
+        # write, so there the connection's scope is cancelled.
+        if self._lane is not None:
+            self._lane.close(error.code, error.reason)
+        elif self._scope is not None:
             self._scope.cancel()
 
     async def run(self) -> None:
@@ -184,16 +189,18 @@ class Connection:
             fastlane=self._lane is not None,
         )
         closing: Closing | None = None
+        # Chosen here rather than checked in a wrapper: a coroutine frame that stays for the
+        # connection's life costs every idle connection its memory.
+        serve = self._serve if self._grant.expires is None else self._serve_until_expiry
         try:
             if self._lane is not None:
-                with anyio.CancelScope() as self._scope:
-                    await self._serve_until_expiry()
+                await serve()
             else:
                 async with anyio.create_task_group() as tg:
                     self._scope = tg.cancel_scope
                     tg.start_soon(self._send_loop)
                     # The reader is the group's host task: one task fewer per connection.
-                    await self._serve_until_expiry()
+                    await serve()
                     tg.cancel_scope.cancel()
         except* HubStopped:
             closing = Closing(CloseCode.INTERNAL_ERROR, "hub stopped")
@@ -228,9 +235,7 @@ class Connection:
         totals.sent += stats.sent
 
     async def _serve_until_expiry(self) -> None:
-        if self._grant.expires is None:
-            await self._serve()
-            return
+        assert self._grant.expires is not None
         deadline = anyio.current_time() + self._grant.expires - time.time()
         with anyio.CancelScope(deadline=deadline) as expiry:
             await self._serve()

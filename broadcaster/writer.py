@@ -49,6 +49,10 @@ class Lane(Protocol):
             anyio.BrokenResourceError: the connection is closing or gone.
         """
 
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection soon, with a close frame behind whatever is buffered; never
+        waits. The connection's reader then sees the client gone."""
+
     def when_writable(
         self, callback: Callable[[], None], timeout: float, on_timeout: Callable[[], None]
     ) -> None:

@@ -41,6 +41,7 @@ class FakeLane:
         self.paused = False
         self.broken = False
         self.parked: tuple[Callable[[], None], float, Callable[[], None]] | None = None
+        self.closed_with: tuple[int, str] | None = None
         self._log = log
 
     def writable(self) -> bool:
@@ -50,6 +51,9 @@ class FakeLane:
         if self.broken:
             raise anyio.BrokenResourceError
         self._log.append((self.name, wire))
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed_with = (code, reason)
 
     def when_writable(
         self, callback: Callable[[], None], timeout: float, on_timeout: Callable[[], None]

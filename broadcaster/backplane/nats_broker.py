@@ -61,23 +61,24 @@ class NatsBackplane:
         async def lost() -> None:
             send.close()
 
-        with _translated():
-            client = await nats.connect(
-                self._url,
-                allow_reconnect=False,
-                max_reconnect_attempts=0,
-                disconnected_cb=lost,
-                closed_cb=lost,
-                error_cb=_log_error,
-            )
-        try:
-            yield NatsLink(client, send, receive, self._prefix)
-        finally:
-            send.close()
-            receive.close()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_SECONDS):
-                with suppress(NatsError, OSError):
-                    await client.close()
+        # Closed on every way out, a failed connect included.
+        with send, receive:
+            with _translated():
+                client = await nats.connect(
+                    self._url,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=0,
+                    disconnected_cb=lost,
+                    closed_cb=lost,
+                    error_cb=_log_error,
+                )
+            try:
+                yield NatsLink(client, send, receive, self._prefix)
+            finally:
+                send.close()
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_SECONDS):
+                    with suppress(NatsError, OSError):
+                        await client.close()
 
 
 class NatsLink:
