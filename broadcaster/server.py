@@ -90,7 +90,8 @@ class _DrainingServer(uvicorn.Server):
     """uvicorn's server, draining the app before it stops on the first SIGINT or SIGTERM.
 
     The first signal asks the app to drain (see ``Broadcaster.request_drain``), which sets
-    ``should_exit`` once outboxes have flushed; a second signal stops at once. A worker
+    ``should_exit`` once outboxes have flushed; a second signal skips the rest of the drain,
+    and a third forces the exit. A worker
     (``supervisor`` set) takes SIGTERM from its supervisor only and ignores the SIGINT that a
     terminal sends its whole process group, and stops at once if the supervisor goes away.
     """
@@ -125,7 +126,10 @@ class _DrainingServer(uvicorn.Server):
         # Unlike uvicorn's own handler, this one does not record the signal, so uvicorn does
         # not raise it again after shutting down and a graceful stop exits with status 0.
         if self._drain is None or self._loop is None or self._draining:
-            self.force_exit = self._draining
+            # A signal during the drain skips what is left of it: sockets are closed with
+            # 1001 within SHUTDOWN_TIMEOUT and the app shuts down cleanly. Only a signal after
+            # that forces the exit, leaving the app's shutdown undone.
+            self.force_exit = self.should_exit
             self.should_exit = True
             return
         self._draining = True

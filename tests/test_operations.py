@@ -99,7 +99,8 @@ async def test_sigterm_drains_queued_messages_then_closes_with_1001() -> None:
 
 
 async def test_a_second_signal_stops_the_drain_at_once() -> None:
-    """A second SIGTERM during a drain that cannot finish ends the process without waiting."""
+    """A second SIGTERM during a drain that cannot finish ends the process without waiting for
+    it, and still shuts the app down cleanly."""
     env = {"BROADCASTER_DRAIN_TIMEOUT": "600"}
     with serving(env) as (process, port):
         base = f"http://127.0.0.1:{port}"
@@ -116,3 +117,8 @@ async def test_a_second_signal_stops_the_drain_at_once() -> None:
             with anyio.fail_after(30):
                 status = await anyio.to_thread.run_sync(process.wait)
         assert status == 0
+        # The app still shuts down in order: nothing is cancelled under it and logged as an error.
+        assert process.stderr is not None
+        lines = [json.loads(line) for line in process.stderr.read().splitlines()]
+        assert [line["event"] for line in lines if line["level"] == "error"] == []
+        assert "hub_stopped" in [line["event"] for line in lines]
