@@ -13,10 +13,6 @@ import hmac
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
 from broadcaster.errors import Refused
 
 if TYPE_CHECKING:
@@ -82,6 +78,11 @@ def parse_public_key(pem: str) -> tuple[Any, str]:
     Raises:
         ValueError: it is not an RSA or P-256 elliptic-curve public key in PEM.
     """
+    # Imported here: cryptography and PyJWT cost a process about 9 MiB, which a server without
+    # a JWT key need not pay.
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
     try:
         key = load_pem_public_key(pem.encode())
     except (ValueError, TypeError) as error:
@@ -160,6 +161,8 @@ class Authenticator:
             return FULL
         if self._key is None:
             raise Refused(403, "invalid_token", "the token is not a publish token")
+        import jwt  # only servers with a JWT key load it (see parse_public_key)
+
         try:
             claims = jwt.decode(
                 credential, self._key, algorithms=[self._algorithm], options={"require": ["exp"]}

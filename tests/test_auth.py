@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import subprocess
+import sys
 import time
 from base64 import urlsafe_b64encode
 from typing import Any
@@ -213,3 +215,16 @@ def test_origins_are_checked_against_the_allowlist(
 ) -> None:
     """Without a list any origin may connect; with one, only its origins (and non-browsers)."""
     assert origin_allowed(origin, allowed) is expected
+
+
+def test_a_server_without_a_jwt_key_does_not_load_pyjwt() -> None:
+    """PyJWT and cryptography (about 9 MiB) load only once a JWT key is configured."""
+    script = (
+        "import sys; from broadcaster.app import create_app; from broadcaster.settings import "
+        f"Settings; create_app(Settings(publish_tokens='{PUBLISH_TOKEN}')); "
+        "print(sorted(m for m in ('jwt', 'cryptography') if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "[]"
