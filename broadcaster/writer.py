@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 FASTLANE = "broadcaster.fastlane"
 # Bytes taken from one outbox for one write; bounds what a write holds outside the outbox,
 # and lets the writer go round every scheduled outbox before it comes back to a busy one.
-BATCH_BYTES = 256 * 1024
+BATCH_BYTES = 64 * 1024
 # Outboxes written between two checkpoints, so that a fan-out to many sockets does not keep
 # readers and the hub waiting for the whole round.
 WRITES_PER_CHECKPOINT = 256
