@@ -24,8 +24,9 @@ from broadcaster.backplane import NODE_ID_BYTES, open_backplane
 from broadcaster.backplane.bridge import Bridge
 from broadcaster.connection import FASTLANE, Connection
 from broadcaster.errors import HubBusy, HubStopped, ProtocolError, Refused
-from broadcaster.hub import Hub, Source, Subscriber
+from broadcaster.hub import Hub
 from broadcaster.log import get_logger
+from broadcaster.mailbox import Source, Subscriber
 from broadcaster.metrics import CONTENT_TYPE_LATEST, Metrics
 from broadcaster.policy import AddressLimiter
 from broadcaster.protocol import (

@@ -26,7 +26,7 @@ from broadcaster.errors import (
     ProtocolError,
     SlowConsumer,
 )
-from broadcaster.hub import Hub, Source, Subscriber
+from broadcaster.mailbox import Source, Subscriber
 from broadcaster.metrics import Totals
 from broadcaster.outbox import Outbox
 from broadcaster.policy import TokenBucket
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
     from structlog.typing import FilteringBoundLogger
 
+    from broadcaster.hub import Hub
     from broadcaster.settings import Settings
     from broadcaster.writer import Lane, Writer
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import Counter, deque
 from contextlib import suppress
 from dataclasses import dataclass, field
-from enum import StrEnum
 from time import monotonic, perf_counter
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -26,6 +25,19 @@ from broadcaster.errors import (
     HubStopped,
     ProtocolError,
     ShuttingDown,
+)
+from broadcaster.mailbox import (
+    WAKE,
+    Command,
+    PendingReceipt,
+    PingCommand,
+    PublishCommand,
+    Receipt,
+    Source,
+    SubscribeCommand,
+    Subscriber,
+    UnsubscribeCommand,
+    Wake,
 )
 from broadcaster.protocol import Frame, Mode, Payload, Position, control_frame, error_frame
 from broadcaster.stream import Entry, History, HistoryStatistics
@@ -44,71 +56,6 @@ if TYPE_CHECKING:
 # Commands the hub takes in one go before it lets other tasks run.
 BURST = 128
 PONG = control_frame("pong")
-
-
-class Source(StrEnum):
-    """Where a publish came from, as the metrics count it."""
-
-    WS = "ws"
-    HTTP = "http"
-    APP = "app"
-    BACKPLANE = "backplane"
-
-
-@dataclass(eq=False, slots=True)
-class Subscriber:
-    """One connection as the hub sees it. ``topics`` is the hub's to change.
-
-    ``conn_id``, ``peer`` and ``opened_at`` (monotonic seconds) are for operators' eyes.
-    """
-
-    outbox: Outbox
-    mode: Mode
-    topics: set[str] = field(default_factory=set)
-    conn_id: str = ""
-    peer: str | None = None
-    opened_at: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """What became of one publish."""
-
-    topic: str
-    epoch: str
-    seq: int
-    subscribers: int
-
-
-class PendingReceipt:
-    """A :class:`Receipt` the hub fills in once it has fanned the publish out."""
-
-    __slots__ = ("_done", "_event", "_receipt")
-
-    def __init__(self) -> None:
-        self._done = False
-        self._receipt: Receipt | None = None
-        # Made only when somebody waits: most publishes are never asked about.
-        self._event: anyio.Event | None = None
-
-    def _set(self, receipt: Receipt | None) -> None:
-        self._receipt = receipt
-        self._done = True
-        if self._event is not None:
-            self._event.set()
-
-    async def wait(self) -> Receipt:
-        """Wait for the hub to process the publish.
-
-        Raises:
-            HubStopped: the hub stopped before it got to this publish.
-        """
-        if not self._done:
-            self._event = anyio.Event()
-            await self._event.wait()
-        if self._receipt is None:
-            raise HubStopped
-        return self._receipt
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,42 +78,6 @@ class _Topic:
 
     def members(self, mode: Mode) -> set[Outbox]:
         return self.raw if mode is Mode.RAW else self.mux
-
-
-@dataclass(frozen=True, slots=True)
-class _Subscribe:
-    subscriber: Subscriber
-    topic: str
-    since: Position | None
-    last: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Unsubscribe:
-    subscriber: Subscriber
-    topic: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Publish:
-    topic: str
-    payload: Payload
-    source: Source
-    receipt: PendingReceipt | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Ping:
-    subscriber: Subscriber
-
-
-@dataclass(frozen=True, slots=True)
-class _Wake:
-    """Wakes an idle hub so that it takes a departure."""
-
-
-_Command = _Subscribe | _Unsubscribe | _Publish | _Ping | _Wake
-_WAKE = _Wake()
 
 
 class Hub:
@@ -199,7 +110,7 @@ class Hub:
         self._log = logger
         self._max_subscriptions = max_subscriptions
         # The mailbox exists while the hub runs; None means stopped.
-        self._mailbox: MemoryObjectSendStream[_Command] | None = None
+        self._mailbox: MemoryObjectSendStream[Command] | None = None
         self._topics: dict[str, _Topic] = {}
         self._subscribers: set[Subscriber] = set()
         # Departures bypass the mailbox so that a full mailbox cannot lose a cleanup.
@@ -219,7 +130,7 @@ class Hub:
         :class:`HubStopped`.
         """
         error: Closing = Closing(CloseCode.INTERNAL_ERROR, "internal error")
-        self._mailbox, inbox = anyio.create_memory_object_stream[_Command](self._mailbox_size)
+        self._mailbox, inbox = anyio.create_memory_object_stream[Command](self._mailbox_size)
         self._log.info("hub_started")
         task_status.started()
         try:
@@ -241,7 +152,7 @@ class Hub:
             self._mailbox.close()
             self._mailbox = None
             for command in _drain(inbox):
-                if isinstance(command, _Publish) and command.receipt is not None:
+                if isinstance(command, PublishCommand) and command.receipt is not None:
                     command.receipt._set(None)
             inbox.close()
             for subscriber in list(self._subscribers):
@@ -269,7 +180,7 @@ class Hub:
         # When the mailbox is full the hub is awake anyway and takes the departure at the end
         # of its current burst; the closed outbox already receives nothing meanwhile.
         with suppress(anyio.WouldBlock):
-            self._mailbox.send_nowait(_WAKE)
+            self._mailbox.send_nowait(WAKE)
 
     async def subscribe(
         self,
@@ -286,19 +197,19 @@ class Hub:
                 still has all of it (the ``subscribed`` frame says whether it did).
             last: replay the latest ``last`` messages first.
         """
-        await self._send(_Subscribe(subscriber, topic, since, last))
+        await self._send(SubscribeCommand(subscriber, topic, since, last))
 
     async def unsubscribe(self, subscriber: Subscriber, topic: str) -> None:
         """Ask the hub to unsubscribe ``subscriber`` from ``topic``."""
-        await self._send(_Unsubscribe(subscriber, topic))
+        await self._send(UnsubscribeCommand(subscriber, topic))
 
     async def ping(self, subscriber: Subscriber) -> None:
         """Ask for a ``pong``, queued once every command sent before it has taken effect."""
-        await self._send(_Ping(subscriber))
+        await self._send(PingCommand(subscriber))
 
     async def publish(self, topic: str, payload: Payload, source: Source = Source.APP) -> None:
         """Publish to ``topic``, waiting for mailbox room (pushes back on the publisher)."""
-        await self._send(_Publish(topic, payload, source, None))
+        await self._send(PublishCommand(topic, payload, source, None))
 
     async def publish_eagerly(self, topic: str, payload: Payload, source: Source) -> None:
         """Publish like :meth:`publish`, but with no checkpoint while the mailbox has room.
@@ -325,7 +236,7 @@ class Hub:
             raise HubStopped
         receipt = PendingReceipt()
         try:
-            self._mailbox.send_nowait(_Publish(topic, payload, source, receipt))
+            self._mailbox.send_nowait(PublishCommand(topic, payload, source, receipt))
         except anyio.WouldBlock:
             raise HubBusy from None
         return receipt
@@ -369,7 +280,7 @@ class Hub:
             recoveries=MappingProxyType(dict(self._recoveries)),
         )
 
-    async def _send(self, command: _Command) -> None:
+    async def _send(self, command: Command) -> None:
         if self._mailbox is None:
             raise HubStopped
         try:
@@ -377,19 +288,19 @@ class Hub:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             raise HubStopped from None
 
-    def _handle(self, command: _Command) -> None:
-        if isinstance(command, _Publish):
+    def _handle(self, command: Command) -> None:
+        if isinstance(command, PublishCommand):
             self._publish(command)
             return
-        if isinstance(command, _Wake):
+        if isinstance(command, Wake):
             self._take_departures()
             return
         subscriber = command.subscriber
         if subscriber not in self._subscribers:
             return  # it left while the command was queued
-        if isinstance(command, _Subscribe):
+        if isinstance(command, SubscribeCommand):
             self._subscribe(subscriber, command)
-        elif isinstance(command, _Ping):
+        elif isinstance(command, PingCommand):
             subscriber.outbox.send_nowait(PONG)
         else:
             self._unsubscribe(subscriber, command.topic)
@@ -398,7 +309,7 @@ class Hub:
         while self._departures:
             self._leave(self._departures.popleft())
 
-    def _publish(self, command: _Publish) -> None:
+    def _publish(self, command: PublishCommand) -> None:
         started = perf_counter()
         name, payload = command.topic, command.payload
         self._published[command.source] += 1
@@ -427,7 +338,7 @@ class Hub:
         if command.receipt is not None:
             command.receipt._set(Receipt(name, epoch, seq, subscribers))
 
-    def _subscribe(self, subscriber: Subscriber, command: _Subscribe) -> None:
+    def _subscribe(self, subscriber: Subscriber, command: SubscribeCommand) -> None:
         name = command.topic
         # Counted here, where the subscriptions are known exactly, and answered in order.
         if name not in subscriber.topics and len(subscriber.topics) >= self._max_subscriptions:
@@ -492,7 +403,7 @@ class Hub:
                 self._relay.topic_closed(name)
 
 
-def _drain(inbox: MemoryObjectReceiveStream[_Command]) -> list[_Command]:
+def _drain(inbox: MemoryObjectReceiveStream[Command]) -> list[Command]:
     """Take what is left in a mailbox whose send end is closed."""
     left = []
     with suppress(anyio.EndOfStream):

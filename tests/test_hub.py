@@ -23,7 +23,8 @@ from broadcaster.errors import (
     ShuttingDown,
     SlowConsumer,
 )
-from broadcaster.hub import BURST, Hub, PendingReceipt, Subscriber
+from broadcaster.hub import BURST, Hub
+from broadcaster.mailbox import PendingReceipt, Subscriber
 from broadcaster.outbox import Outbox
 from broadcaster.policy import Overflow
 from broadcaster.protocol import Frame, Mode, Payload

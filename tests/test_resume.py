@@ -11,7 +11,8 @@ import pytest
 import structlog
 
 from broadcaster.errors import LagCause, SlowConsumer
-from broadcaster.hub import Hub, Source, Subscriber
+from broadcaster.hub import Hub
+from broadcaster.mailbox import Source, Subscriber
 from broadcaster.policy import Overflow
 from broadcaster.protocol import Mode, Payload, Position
 from broadcaster.stream import History

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from websockets.asyncio.client import ClientConnection
 
-    from broadcaster.hub import Subscriber
+    from broadcaster.mailbox import Subscriber
 
 BIG = 64 * 1024
 # Enough 64 KiB messages to fill a stalled client's socket buffers (a few MiB) and its outbox.
