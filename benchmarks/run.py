@@ -180,7 +180,7 @@ def history(reports: dict[str, Report]) -> list[Row]:
     return [
         Row(
             "history",
-            "deliveries/s, mux, median (range) of 3: off | on",
+            "deliveries/s, mux, median (range) of 3: off, on",
             summary(rates["off"]),
             f"{summary(rates['on'])} ({ratio:.2f}x off)",
             ">= 0.9x off",
