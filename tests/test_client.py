@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -124,3 +126,54 @@ async def test_a_refused_client_raises_client_error() -> None:
         with anyio.fail_after(10), pytest.raises(ClientError, match="403"):
             async for _ in Client(live.ws_url(), ["t"]):
                 pass
+
+
+def caught_up(seen: list[list[int]], count: int) -> bool:
+    """Whether every client has received at least ``count`` messages."""
+    return min(len(messages) for messages in seen) >= count
+
+
+async def test_clients_dropping_at_random_while_publishes_stream_miss_nothing() -> None:
+    """Ten clients that drop abruptly at random and resume each get every seq once, in order."""
+    total, clients = 300, 10
+    async with running_server(Settings(log_format="json")) as live:
+        hub = live.broadcaster.hub
+        seen: list[list[int]] = [[] for _ in range(clients)]
+        gaps: list[Gap] = []
+
+        async def follow(index: int) -> None:
+            chooser = random.Random(index)
+            subscriber = Client(live.ws_url(), ["feed"], backoff_min=0.005, backoff_max=0.02)
+            drop_after = chooser.randint(1, 30)
+            async for item in subscriber:
+                if isinstance(item, Gap):
+                    gaps.append(item)
+                    continue
+                seen[index].append(item.seq)
+                if item.seq == total:
+                    break
+                drop_after -= 1
+                if drop_after == 0:
+                    subscriber.abort()
+                    drop_after = chooser.randint(1, 30)
+            await subscriber.close()
+
+        async def publisher() -> None:
+            await wait_until(lambda: hub.statistics().topics.get("feed") == clients)
+            for n in range(total):
+                await live.broadcaster.publish("feed", n)
+                if n % 10 == 9:
+                    # Let the clients fall at most a little behind, so that drops and
+                    # resumes happen while publishing goes on.
+                    await wait_until(partial(caught_up, seen, n - 40))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for index in range(clients):
+                    tg.start_soon(follow, index)
+                tg.start_soon(publisher)
+        recoveries = hub.statistics().recoveries
+    assert gaps == []
+    assert seen == [list(range(1, total + 1))] * clients
+    assert recoveries["recovered"] >= clients
+    assert set(recoveries) == {"recovered"}
