@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 # Bytes charged per stream and per entry beyond the messages themselves: the Python objects
 # that hold them (measured with tracemalloc, rounded up), so that the budget bounds memory
 # even for many small topics.
-STREAM_OVERHEAD = 1024
-ENTRY_OVERHEAD = 256
+STREAM_OVERHEAD = 1280
+ENTRY_OVERHEAD = 448
 
 
 class Outcome(StrEnum):
