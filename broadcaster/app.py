@@ -31,9 +31,8 @@ from broadcaster.metrics import CONTENT_TYPE_LATEST, Metrics
 from broadcaster.policy import AddressLimiter
 from broadcaster.protocol import (
     Payload,
-    Position,
     history_body,
-    parse_epoch,
+    parse_history_query,
     parse_json_body,
     parse_query_count,
     validate_topic,
@@ -301,23 +300,8 @@ class Broadcaster:
         Raises:
             HTTPException: 400 on a bad parameter, 503 when the hub is not running.
         """
-        query = request.query_params
-        unknown = set(query) - {"since", "epoch", "limit", "token"}
-        maximum = self.settings.recovery_max
         try:
-            if unknown:
-                raise ProtocolError("invalid_query", f"unknown parameters: {sorted(unknown)}")
-            limit = parse_query_count(query.get("limit", str(maximum)), "limit", "invalid_limit")
-            if not 0 < limit <= maximum:
-                raise ProtocolError("invalid_limit", f"limit is 1 to {maximum}")
-            since = None
-            if "since" in query or "epoch" in query:
-                if "since" not in query or "epoch" not in query:
-                    raise ProtocolError("invalid_since", "give since and epoch together")
-                since = Position(
-                    parse_epoch(query["epoch"], "invalid_since"),
-                    parse_query_count(query["since"], "since", "invalid_since"),
-                )
+            since, limit = parse_history_query(request.query_params, self.settings.recovery_max)
         except ProtocolError as error:
             raise HTTPException(400, {"error": error.error, "detail": error.detail}) from None
         try:

@@ -14,9 +14,12 @@ import struct
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broadcaster.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 # The longest epoch a client may send back; the server's are much shorter.
@@ -260,6 +263,27 @@ def parse_query_count(text: str, name: str, error: str) -> int:
     if text.isascii() and text.isdigit() and len(text) < 20:
         return parse_count(int(text), name, error)
     raise ProtocolError(error, f"{name} is an integer from 0 to 2**63 - 1")
+
+
+def parse_history_query(query: Mapping[str, str], maximum: int) -> tuple[Position | None, int]:
+    """Read ``GET /history``'s ``since``, ``epoch`` and ``limit`` (``token`` is auth's).
+
+    Raises:
+        ProtocolError: ``invalid_query`` (an unknown parameter), ``invalid_limit`` (not 1 to
+            ``maximum``) or ``invalid_since`` (not a count, or without its epoch).
+    """
+    unknown = set(query) - {"since", "epoch", "limit", "token"}
+    if unknown:
+        raise ProtocolError("invalid_query", f"unknown parameters: {sorted(unknown)}")
+    limit = parse_query_count(query.get("limit", str(maximum)), "limit", "invalid_limit")
+    if not 0 < limit <= maximum:
+        raise ProtocolError("invalid_limit", f"limit is 1 to {maximum}")
+    if "since" not in query and "epoch" not in query:
+        return None, limit
+    if "since" not in query or "epoch" not in query:
+        raise ProtocolError("invalid_since", "give since and epoch together")
+    epoch = parse_epoch(query["epoch"], "invalid_since")
+    return Position(epoch, parse_query_count(query["since"], "since", "invalid_since")), limit
 
 
 def payload_of(data: Any) -> Payload:
