@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -160,6 +161,34 @@ def throughput(reports: dict[str, Report]) -> list[Row]:
     return rows
 
 
+def history(reports: dict[str, Report]) -> list[Row]:
+    """The throughput scenario (multiplexed) with history on, the default, and off; the runs
+    alternate, three of each, and the medians are compared."""
+    base = Scenario(fast=500, rate=100_000, duration=0.02, size=100, procs=2, drain=60)
+    off_env = {"BROADCASTER_HISTORY_SIZE": "0"}
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    for attempt in range(1, 4):
+        for label, env in (("off", off_env), ("on", {})):
+            name = f"history {label} {attempt}"
+            report = reports[name] = run(name, BROADCASTER, replace(base, server_env=env))
+            rates[label].append(deliveries_per_second(report))
+
+    def summary(values: list[float]) -> str:
+        return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+
+    ratio = statistics.median(rates["on"]) / statistics.median(rates["off"])
+    return [
+        Row(
+            "history",
+            "deliveries/s, mux, median (range) of 3: off, on",
+            summary(rates["off"]),
+            f"{summary(rates['on'])} ({ratio:.2f}x off)",
+            ">= 0.9x off",
+            ratio >= 0.9,
+        )
+    ]
+
+
 def churn(reports: dict[str, Report]) -> list[Row]:
     """5 fast clients and 100 that come and go abruptly, while 100 msg/s are published."""
     scenario = Scenario(fast=5, churn=100, churn_stay=0.2, rate=100, duration=20, procs=2)
@@ -250,6 +279,7 @@ SCENARIOS: dict[str, Callable[[dict[str, Report]], list[Row]]] = {
     "isolation": isolation,
     "memory": memory,
     "throughput": throughput,
+    "history": history,
     "churn": churn,
     "connections": connections,
 }

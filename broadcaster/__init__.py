@@ -14,7 +14,8 @@ from broadcaster.errors import (
     ShuttingDown,
     SlowConsumer,
 )
-from broadcaster.hub import Hub, HubStatistics, Receipt
+from broadcaster.hub import Hub, HubStatistics
+from broadcaster.mailbox import Receipt
 from broadcaster.outbox import Outbox, OutboxStatistics
 from broadcaster.policy import Overflow
 from broadcaster.settings import Settings

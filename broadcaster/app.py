@@ -24,12 +24,21 @@ from broadcaster.backplane import NODE_ID_BYTES, open_backplane
 from broadcaster.backplane.bridge import Bridge
 from broadcaster.connection import Connection
 from broadcaster.errors import HubBusy, HubStopped, ProtocolError, Refused
-from broadcaster.hub import Hub, Source, Subscriber
+from broadcaster.hub import Hub
 from broadcaster.log import get_logger
+from broadcaster.mailbox import Source, Subscriber
 from broadcaster.metrics import CONTENT_TYPE_LATEST, Metrics
 from broadcaster.policy import AddressLimiter
-from broadcaster.protocol import Payload, parse_json_body, validate_topic
+from broadcaster.protocol import (
+    Payload,
+    history_body,
+    parse_history_query,
+    parse_json_body,
+    parse_query_count,
+    validate_topic,
+)
 from broadcaster.settings import MEMORY, Settings
+from broadcaster.stream import History
 from broadcaster.writer import FASTLANE, Writer
 
 if TYPE_CHECKING:
@@ -121,6 +130,13 @@ class Broadcaster:
             max_subscriptions=settings.max_subscriptions,
             observe_fanout=self.metrics.fanout_seconds.observe,
             relay=self.bridge,
+            history=History(
+                size=settings.history_messages,
+                max_bytes=settings.history_max_bytes,
+                ttl=settings.history_ttl,
+                total_bytes=settings.history_total_bytes,
+                recovery_max=settings.recovery_max,
+            ),
         )
         self.metrics.watch(self.hub, self.bridge)
         self.writer = Writer(settings.send_timeout)
@@ -205,6 +221,7 @@ class Broadcaster:
         peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else None
         try:
             grant = self._admit(websocket, topic)
+            last = self._raw_last(websocket, topic)
         except Refused as refused:
             self._count_refusal(refused, peer)
             body = {"error": refused.error, "detail": refused.detail}
@@ -224,6 +241,7 @@ class Broadcaster:
                 log,
                 topic,
                 grant=grant,
+                last=last,
                 writer=self.writer,
                 conn_id=conn_id,
                 peer=peer,
@@ -260,6 +278,38 @@ class Broadcaster:
         if topic is not None and not grant.subscribe.matches(topic):
             raise Refused(403, "forbidden_topic", "the token does not allow this topic")
         return grant
+
+    @staticmethod
+    def _raw_last(websocket: WebSocket, topic: str | None) -> int | None:
+        """Read a raw-mode socket's ``?last=K``: replay the latest K messages first.
+
+        Raises:
+            Refused: 400 ``invalid_last``.
+        """
+        text = websocket.query_params.get("last")
+        if topic is None or text is None:
+            return None
+        try:
+            return parse_query_count(text, "last", "invalid_last")
+        except ProtocolError as error:
+            raise Refused(400, error.error, error.detail) from None
+
+    def _history(self, topic: str, request: Request) -> Response:
+        """Answer ``GET /history/{topic}``; the caller has checked the grant.
+
+        Raises:
+            HTTPException: 400 on a bad parameter, 503 when the hub is not running.
+        """
+        try:
+            since, limit = parse_history_query(request.query_params, self.settings.recovery_max)
+        except ProtocolError as error:
+            raise HTTPException(400, {"error": error.error, "detail": error.detail}) from None
+        try:
+            position, recovered, frames = self.hub.history(topic, since, limit)
+        except HubStopped:
+            raise HTTPException(503, "the hub is not running") from None
+        body = history_body(topic, position, None if since is None else recovered, frames)
+        return Response(body, media_type="application/json")
 
     def _count_refusal(self, refused: Refused, peer: str | None) -> None:
         # Debug level: a flood of refusals must not become a flood of log lines; the
@@ -304,8 +354,28 @@ class Broadcaster:
                 raise HTTPException(503, "the hub is not running") from None
             receipt = await pending.wait()
             return JSONResponse(
-                {"topic": receipt.topic, "seq": receipt.seq, "subscribers": receipt.subscribers}
+                {
+                    "topic": receipt.topic,
+                    "epoch": receipt.epoch,
+                    "seq": receipt.seq,
+                    "subscribers": receipt.subscribers,
+                }
             )
+
+        @router.get("/history/{topic}")
+        async def history(topic: str, request: Request) -> Response:
+            peer = f"{request.client.host}:{request.client.port}" if request.client else None
+            try:
+                validate_topic(topic)
+                grant = self._auth.handshake(request.headers, request.query_params)
+                if not grant.subscribe.matches(topic):
+                    raise Refused(403, "forbidden_topic", "the token does not allow this topic")
+            except ProtocolError as error:
+                raise HTTPException(400, {"error": error.error, "detail": error.detail}) from None
+            except Refused as refused:
+                self._count_refusal(refused, peer)
+                raise HTTPException(refused.status, refused.detail, refused.headers) from None
+            return self._history(topic, request)
 
         @router.get("/healthz")
         async def healthz() -> JSONResponse:

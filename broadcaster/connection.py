@@ -26,7 +26,7 @@ from broadcaster.errors import (
     ProtocolError,
     SlowConsumer,
 )
-from broadcaster.hub import Hub, Source, Subscriber
+from broadcaster.mailbox import Source, Subscriber
 from broadcaster.metrics import Totals
 from broadcaster.outbox import Outbox
 from broadcaster.policy import TokenBucket
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
     from structlog.typing import FilteringBoundLogger
 
+    from broadcaster.hub import Hub
     from broadcaster.settings import Settings
     from broadcaster.writer import Lane, Writer
 
@@ -85,6 +86,7 @@ class Connection:
         topic: the topic a raw-mode socket is subscribed to; ``None`` for multiplexed mode.
         grant: what the client's credential allows, and until when; past its expiry the
             connection is closed with 1008 ``token expired``.
+        last: for a raw-mode socket, the latest messages of its topic to replay first.
         writer: the app's shared writer, which serves sockets that offer a lane; without it
             every connection has a sender task of its own.
         conn_id, peer: how operators tell this connection from others.
@@ -100,6 +102,7 @@ class Connection:
         "_hub",
         "_idle_timeout",
         "_lane",
+        "_last",
         "_limits",
         "_log",
         "_max_message_bytes",
@@ -122,6 +125,7 @@ class Connection:
         topic: str | None = None,
         *,
         grant: Grant = FULL,
+        last: int | None = None,
         writer: Writer | None = None,
         conn_id: str = "",
         peer: str | None = None,
@@ -138,6 +142,7 @@ class Connection:
         self._log = logger
         self._topic = topic
         self._grant = grant
+        self._last = last
         self._client_publish = settings.client_publish
         self._max_message_bytes = settings.max_message_bytes
         self._clock = clock
@@ -246,7 +251,7 @@ class Connection:
     async def _serve(self) -> None:
         self._hub.join(self._subscriber)
         if self._topic is not None:
-            await self._hub.subscribe(self._subscriber, self._topic)
+            await self._hub.subscribe(self._subscriber, self._topic, last=self._last)
         raw_refusal = None if self._topic is None else self._raw_publish_refusal(self._topic)
         while True:
             # The socket is awaited here, not through a helper: a quiet subscriber's reader
@@ -277,7 +282,9 @@ class Connection:
                 await self._hub.publish_eagerly(command.topic, command.payload, Source.WS)
             elif isinstance(command, Subscribe):
                 self._subscribing = True
-                await self._hub.subscribe(self._subscriber, command.topic)
+                await self._hub.subscribe(
+                    self._subscriber, command.topic, since=command.since, last=command.last
+                )
             else:
                 self._subscribing = False
                 await self._hub.unsubscribe(self._subscriber, command.topic)

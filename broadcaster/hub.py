@@ -1,8 +1,10 @@
-"""The hub: one task that owns the topic registry and fans publishes out.
+"""The hub: one task that owns the topic registry and each topic's stream, and fans out.
 
-Everyone else talks to it through its bounded mailbox. A publish is encoded once per mode and
-offered to each subscriber's outbox with a non-blocking call; the hub never awaits a socket, a
-subscriber or a lock one holds.
+Everyone else talks to it through its bounded mailbox. A publish takes the topic's next
+position, is encoded once per mode, offered to each subscriber's outbox with a non-blocking
+call and kept in the topic's history (:mod:`broadcaster.stream`); the hub never awaits a
+socket, a subscriber or a lock one holds. Since one task does it all, a subscribe that replays
+history and joins the live fan-out happens between two publishes: no gap, no duplicate.
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from contextlib import suppress
 from dataclasses import dataclass, field
-from enum import StrEnum
-from time import perf_counter
+from time import monotonic, perf_counter
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -25,7 +26,21 @@ from broadcaster.errors import (
     ProtocolError,
     ShuttingDown,
 )
-from broadcaster.protocol import Frame, Mode, Payload, control_frame, error_frame
+from broadcaster.mailbox import (
+    WAKE,
+    Command,
+    PendingReceipt,
+    PingCommand,
+    PublishCommand,
+    Receipt,
+    Source,
+    SubscribeCommand,
+    Subscriber,
+    UnsubscribeCommand,
+    Wake,
+)
+from broadcaster.protocol import Frame, Mode, Payload, Position, control_frame, error_frame
+from broadcaster.stream import Entry, History, HistoryStatistics
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -43,70 +58,6 @@ BURST = 128
 PONG = control_frame("pong")
 
 
-class Source(StrEnum):
-    """Where a publish came from, as the metrics count it."""
-
-    WS = "ws"
-    HTTP = "http"
-    APP = "app"
-    BACKPLANE = "backplane"
-
-
-@dataclass(eq=False, slots=True)
-class Subscriber:
-    """One connection as the hub sees it. ``topics`` is the hub's to change.
-
-    ``conn_id``, ``peer`` and ``opened_at`` (monotonic seconds) are for operators' eyes.
-    """
-
-    outbox: Outbox
-    mode: Mode
-    topics: set[str] = field(default_factory=set)
-    conn_id: str = ""
-    peer: str | None = None
-    opened_at: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """What became of one publish."""
-
-    topic: str
-    seq: int
-    subscribers: int
-
-
-class PendingReceipt:
-    """A :class:`Receipt` the hub fills in once it has fanned the publish out."""
-
-    __slots__ = ("_done", "_event", "_receipt")
-
-    def __init__(self) -> None:
-        self._done = False
-        self._receipt: Receipt | None = None
-        # Made only when somebody waits: most publishes are never asked about.
-        self._event: anyio.Event | None = None
-
-    def _set(self, receipt: Receipt | None) -> None:
-        self._receipt = receipt
-        self._done = True
-        if self._event is not None:
-            self._event.set()
-
-    async def wait(self) -> Receipt:
-        """Wait for the hub to process the publish.
-
-        Raises:
-            HubStopped: the hub stopped before it got to this publish.
-        """
-        if not self._done:
-            self._event = anyio.Event()
-            await self._event.wait()
-        if self._receipt is None:
-            raise HubStopped
-        return self._receipt
-
-
 @dataclass(frozen=True, slots=True)
 class HubStatistics:
     """A snapshot of the hub."""
@@ -116,50 +67,17 @@ class HubStatistics:
     subscribers: int
     mailbox_depth: int
     published: Mapping[str, int]
+    history: HistoryStatistics
+    recoveries: Mapping[str, int]
 
 
 @dataclass(slots=True)
 class _Topic:
-    seq: int = 0
     raw: set[Outbox] = field(default_factory=set)
     mux: set[Outbox] = field(default_factory=set)
 
     def members(self, mode: Mode) -> set[Outbox]:
         return self.raw if mode is Mode.RAW else self.mux
-
-
-@dataclass(frozen=True, slots=True)
-class _Subscribe:
-    subscriber: Subscriber
-    topic: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Unsubscribe:
-    subscriber: Subscriber
-    topic: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Publish:
-    topic: str
-    payload: Payload
-    source: Source
-    receipt: PendingReceipt | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Ping:
-    subscriber: Subscriber
-
-
-@dataclass(frozen=True, slots=True)
-class _Wake:
-    """Wakes an idle hub so that it takes a departure."""
-
-
-_Command = _Subscribe | _Unsubscribe | _Publish | _Ping | _Wake
-_WAKE = _Wake()
 
 
 class Hub:
@@ -173,6 +91,8 @@ class Hub:
             answered with a ``too_many_subscriptions`` error frame.
         observe_fanout: told the seconds each publish took to fan out, for a histogram.
         relay: told of topics opening and closing and of local publishes, to share them.
+        history: every topic's stream and its bounds; by default :class:`History`'s defaults.
+        clock: monotonic seconds, for the history's TTL; tests pass a clock of their own.
     """
 
     def __init__(
@@ -183,12 +103,14 @@ class Hub:
         max_subscriptions: int,
         observe_fanout: Callable[[float], None] = lambda seconds: None,
         relay: Relay | None = None,
+        history: History | None = None,
+        clock: Callable[[], float] = monotonic,
     ) -> None:
         self._mailbox_size = mailbox_size
         self._log = logger
         self._max_subscriptions = max_subscriptions
         # The mailbox exists while the hub runs; None means stopped.
-        self._mailbox: MemoryObjectSendStream[_Command] | None = None
+        self._mailbox: MemoryObjectSendStream[Command] | None = None
         self._topics: dict[str, _Topic] = {}
         self._subscribers: set[Subscriber] = set()
         # Departures bypass the mailbox so that a full mailbox cannot lose a cleanup.
@@ -196,6 +118,9 @@ class Hub:
         self._published: Counter[str] = Counter()
         self._observe_fanout = observe_fanout
         self._relay = relay
+        self._history = History() if history is None else history
+        self._clock = clock
+        self._recoveries: Counter[str] = Counter()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve the mailbox until cancelled; then fail every subscriber's outbox.
@@ -205,7 +130,7 @@ class Hub:
         :class:`HubStopped`.
         """
         error: Closing = Closing(CloseCode.INTERNAL_ERROR, "internal error")
-        self._mailbox, inbox = anyio.create_memory_object_stream[_Command](self._mailbox_size)
+        self._mailbox, inbox = anyio.create_memory_object_stream[Command](self._mailbox_size)
         self._log.info("hub_started")
         task_status.started()
         try:
@@ -219,6 +144,7 @@ class Hub:
                     except anyio.WouldBlock:
                         break
                 self._take_departures()
+                self._history.expire(self._clock())
         except anyio.get_cancelled_exc_class():
             error = ShuttingDown()
             raise
@@ -226,7 +152,7 @@ class Hub:
             self._mailbox.close()
             self._mailbox = None
             for command in _drain(inbox):
-                if isinstance(command, _Publish) and command.receipt is not None:
+                if isinstance(command, PublishCommand) and command.receipt is not None:
                     command.receipt._set(None)
             inbox.close()
             for subscriber in list(self._subscribers):
@@ -254,23 +180,36 @@ class Hub:
         # When the mailbox is full the hub is awake anyway and takes the departure at the end
         # of its current burst; the closed outbox already receives nothing meanwhile.
         with suppress(anyio.WouldBlock):
-            self._mailbox.send_nowait(_WAKE)
+            self._mailbox.send_nowait(WAKE)
 
-    async def subscribe(self, subscriber: Subscriber, topic: str) -> None:
-        """Ask the hub to subscribe ``subscriber`` to ``topic``, waiting for mailbox room."""
-        await self._send(_Subscribe(subscriber, topic))
+    async def subscribe(
+        self,
+        subscriber: Subscriber,
+        topic: str,
+        *,
+        since: Position | None = None,
+        last: int | None = None,
+    ) -> None:
+        """Ask the hub to subscribe ``subscriber`` to ``topic``, waiting for mailbox room.
+
+        Args:
+            since: replay what was published after this position first, if the history
+                still has all of it (the ``subscribed`` frame says whether it did).
+            last: replay the latest ``last`` messages first.
+        """
+        await self._send(SubscribeCommand(subscriber, topic, since, last))
 
     async def unsubscribe(self, subscriber: Subscriber, topic: str) -> None:
         """Ask the hub to unsubscribe ``subscriber`` from ``topic``."""
-        await self._send(_Unsubscribe(subscriber, topic))
+        await self._send(UnsubscribeCommand(subscriber, topic))
 
     async def ping(self, subscriber: Subscriber) -> None:
         """Ask for a ``pong``, queued once every command sent before it has taken effect."""
-        await self._send(_Ping(subscriber))
+        await self._send(PingCommand(subscriber))
 
     async def publish(self, topic: str, payload: Payload, source: Source = Source.APP) -> None:
         """Publish to ``topic``, waiting for mailbox room (pushes back on the publisher)."""
-        await self._send(_Publish(topic, payload, source, None))
+        await self._send(PublishCommand(topic, payload, source, None))
 
     async def publish_eagerly(self, topic: str, payload: Payload, source: Source) -> None:
         """Publish like :meth:`publish`, but with no checkpoint while the mailbox has room.
@@ -297,10 +236,31 @@ class Hub:
             raise HubStopped
         receipt = PendingReceipt()
         try:
-            self._mailbox.send_nowait(_Publish(topic, payload, source, receipt))
+            self._mailbox.send_nowait(PublishCommand(topic, payload, source, receipt))
         except anyio.WouldBlock:
             raise HubBusy from None
         return receipt
+
+    def history(
+        self, topic: str, since: Position | None, limit: int
+    ) -> tuple[Position, bool, list[Frame]]:
+        """Return ``topic``'s position and up to ``limit`` envelopes of its history, for
+        ``GET /history``: the latest ones, or the first ones after ``since``, and whether
+        those follow ``since`` with none missing.
+
+        Called from the hub's event loop thread, it runs between two of the hub's commands,
+        like one of them. A topic without a stream gets one, so that its position is known.
+
+        Raises:
+            HubStopped: the hub is not running.
+        """
+        if self._mailbox is None:
+            raise HubStopped
+        stream = self._history.open(topic, self._clock())
+        recovery = self._history.page(stream, since, limit)
+        frames = [self._history.mux_frame(topic, stream, entry) for entry in recovery.entries]
+        self._history.settle(topic, stream)
+        return Position(stream.epoch, stream.seq), recovery.recovered, frames
 
     def subscribers(self) -> tuple[Subscriber, ...]:
         """Return the connections the hub serves now, for inspection."""
@@ -316,9 +276,11 @@ class Hub:
             subscribers=len(self._subscribers),
             mailbox_depth=self._mailbox.statistics().current_buffer_used if self._mailbox else 0,
             published=MappingProxyType(dict(self._published)),
+            history=self._history.statistics(),
+            recoveries=MappingProxyType(dict(self._recoveries)),
         )
 
-    async def _send(self, command: _Command) -> None:
+    async def _send(self, command: Command) -> None:
         if self._mailbox is None:
             raise HubStopped
         try:
@@ -326,19 +288,19 @@ class Hub:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             raise HubStopped from None
 
-    def _handle(self, command: _Command) -> None:
-        if isinstance(command, _Publish):
+    def _handle(self, command: Command) -> None:
+        if isinstance(command, PublishCommand):
             self._publish(command)
             return
-        if isinstance(command, _Wake):
+        if isinstance(command, Wake):
             self._take_departures()
             return
         subscriber = command.subscriber
         if subscriber not in self._subscribers:
             return  # it left while the command was queued
-        if isinstance(command, _Subscribe):
-            self._subscribe(subscriber, command.topic)
-        elif isinstance(command, _Ping):
+        if isinstance(command, SubscribeCommand):
+            self._subscribe(subscriber, command)
+        elif isinstance(command, PingCommand):
             subscriber.outbox.send_nowait(PONG)
         else:
             self._unsubscribe(subscriber, command.topic)
@@ -347,32 +309,37 @@ class Hub:
         while self._departures:
             self._leave(self._departures.popleft())
 
-    def _publish(self, command: _Publish) -> None:
+    def _publish(self, command: PublishCommand) -> None:
         started = perf_counter()
-        topic = self._topics.get(command.topic)
+        name, payload = command.topic, command.payload
         self._published[command.source] += 1
-        if topic is None:
-            seq = subscribers = 0
-        else:
-            topic.seq += 1
-            seq = topic.seq
+        history = self._history
+        stream = history.publish(name, self._clock())
+        epoch, seq = stream.epoch, stream.seq
+        topic = self._topics.get(name)
+        raw = mux = None
+        subscribers = 0
+        if topic is not None:
             subscribers = len(topic.raw) + len(topic.mux)
-            payload = command.payload
             if topic.raw:
-                frame = Frame.of(payload.raw)
+                raw = Frame.of(payload.raw)
                 for outbox in topic.raw:
-                    outbox.send_nowait(frame)
+                    outbox.send_nowait(raw)
             if topic.mux:
-                frame = payload.envelope(command.topic, seq)
+                mux = payload.envelope(name, seq)
                 for outbox in topic.mux:
-                    outbox.send_nowait(frame)
+                    outbox.send_nowait(mux)
+        if history.size:
+            # The frames just sent are kept: a replay sends the very same objects.
+            history.append(name, stream, Entry(seq, payload, raw, mux))
         self._observe_fanout(perf_counter() - started)
         if self._relay is not None and command.source is not Source.BACKPLANE:
-            self._relay.published(command.topic, command.payload)
+            self._relay.published(name, payload)
         if command.receipt is not None:
-            command.receipt._set(Receipt(command.topic, seq, subscribers))
+            command.receipt._set(Receipt(name, epoch, seq, subscribers))
 
-    def _subscribe(self, subscriber: Subscriber, name: str) -> None:
+    def _subscribe(self, subscriber: Subscriber, command: SubscribeCommand) -> None:
+        name = command.topic
         # Counted here, where the subscriptions are known exactly, and answered in order.
         if name not in subscriber.topics and len(subscriber.topics) >= self._max_subscriptions:
             detail = f"a connection subscribes to at most {self._max_subscriptions} topics"
@@ -380,15 +347,38 @@ class Hub:
                 error_frame(ProtocolError("too_many_subscriptions", detail))
             )
             return
+        history = self._history
+        stream = history.pin(name, self._clock())
         topic = self._topics.get(name)
         if topic is None:
             topic = self._topics[name] = _Topic()
             if self._relay is not None:
                 self._relay.topic_opened(name)
+        recovery = None
+        if command.since is not None:
+            recovery = history.since(stream, command.since.epoch, command.since.seq)
+            self._recoveries[recovery.outcome] += 1
+        elif command.last is not None:
+            recovery = history.last(stream, command.last)
         topic.members(subscriber.mode).add(subscriber.outbox)
         subscriber.topics.add(name)
+        outbox = subscriber.outbox
         if subscriber.mode is Mode.MUX:
-            subscriber.outbox.send_nowait(control_frame("subscribed", topic=name))
+            fields: dict[str, str | int | bool] = {"topic": name, "epoch": stream.epoch}
+            fields["seq"] = stream.seq
+            if recovery is not None:
+                fields["recovered"] = recovery.recovered
+            outbox.send_nowait(control_frame("subscribed", **fields))
+        if recovery is None or not recovery.entries:
+            return
+        # Through the outbox like any message: what does not fit meets the overflow policy.
+        if subscriber.mode is Mode.MUX:
+            for entry in recovery.entries:
+                outbox.send_nowait(history.mux_frame(name, stream, entry))
+        else:
+            for entry in recovery.entries:
+                outbox.send_nowait(history.raw_frame(stream, entry))
+        history.settle(name, stream)
 
     def _unsubscribe(self, subscriber: Subscriber, name: str) -> None:
         self._remove(subscriber, name)
@@ -408,11 +398,12 @@ class Hub:
         topic.members(subscriber.mode).discard(subscriber.outbox)
         if not topic.raw and not topic.mux:
             del self._topics[name]
+            self._history.unpin(name, self._clock())
             if self._relay is not None:
                 self._relay.topic_closed(name)
 
 
-def _drain(inbox: MemoryObjectReceiveStream[_Command]) -> list[_Command]:
+def _drain(inbox: MemoryObjectReceiveStream[Command]) -> list[Command]:
     """Take what is left in a mailbox whose send end is closed."""
     left = []
     with suppress(anyio.EndOfStream):

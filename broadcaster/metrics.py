@@ -147,6 +147,38 @@ class _Collector(Collector):
         yield GaugeMetricFamily(
             "broadcaster_hub_mailbox_depth", "Commands waiting for the hub.", stats.mailbox_depth
         )
+        history = stats.history
+        yield GaugeMetricFamily(
+            "broadcaster_history_streams",
+            "Topics whose position (epoch and seq) the server keeps.",
+            history.streams,
+        )
+        yield GaugeMetricFamily(
+            "broadcaster_history_messages", "Messages kept in history.", history.messages
+        )
+        yield GaugeMetricFamily(
+            "broadcaster_history_bytes",
+            "Bytes of history, per-topic overhead included (bounded by HISTORY_TOTAL_BYTES).",
+            history.bytes,
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "broadcaster_history_topics_forgotten",
+                "Topics whose history was forgotten: evicted past HISTORY_TOTAL_BYTES, or "
+                "expired past HISTORY_TTL.",
+                labels=["reason"],
+            ),
+            {"evicted": history.evicted, "expired": history.expired},
+        )
+        yield _labelled(
+            CounterMetricFamily(
+                "broadcaster_recoveries",
+                "Subscribes with since, by outcome: recovered, new_epoch, not_retained, "
+                "over_limit or invalid_position.",
+                labels=["outcome"],
+            ),
+            stats.recoveries,
+        )
         depths = [outbox.queued_messages for outbox in outboxes]
         buckets = [(str(bound), sum(d <= bound for d in depths)) for bound in DEPTH_BUCKETS]
         yield HistogramMetricFamily(

@@ -14,11 +14,16 @@ import struct
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broadcaster.errors import ProtocolError
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
 TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+# The longest epoch a client may send back; the server's are much shorter.
+MAX_EPOCH_LENGTH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +121,25 @@ class Payload:
 
 
 @dataclass(frozen=True, slots=True)
+class Position:
+    """Where a client is in a topic's stream: the last ``seq`` it has in ``epoch``."""
+
+    epoch: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
 class Subscribe:
-    """Subscribe this connection to ``topic``."""
+    """Subscribe this connection to ``topic``.
+
+    Args:
+        since: resume: replay what was published after this position, then live messages.
+        last: rewind: replay the latest ``last`` messages, then live messages.
+    """
 
     topic: str
+    since: Position | None = None
+    last: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +183,7 @@ def parse_frame(frame: str | bytes) -> Command:
 
     Raises:
         ProtocolError: ``binary_frame``, ``invalid_json``, ``invalid_frame``, ``unknown_op``,
-            ``missing_field`` or ``invalid_topic``.
+            ``missing_field``, ``invalid_topic``, ``invalid_since`` or ``invalid_last``.
     """
     if isinstance(frame, bytes):
         raise ProtocolError("binary_frame", "multiplexed mode takes JSON text frames only")
@@ -179,12 +199,91 @@ def parse_frame(frame: str | bytes) -> Command:
         raise ProtocolError("missing_field", f"{op} needs a 'topic'")
     topic = validate_topic(message["topic"])
     if op == "subscribe":
-        return Subscribe(topic)
+        return _subscribe(topic, message)
     if op == "unsubscribe":
         return Unsubscribe(topic)
     if "data" not in message:
         raise ProtocolError("missing_field", "publish needs 'data'")
     return Publish(topic, payload_of(message["data"]))
+
+
+def _subscribe(topic: str, message: dict[str, Any]) -> Subscribe:
+    since, last = message.get("since"), message.get("last")
+    if since is not None and last is not None:
+        raise ProtocolError("invalid_since", "give 'since' or 'last', not both")
+    if since is not None:
+        return Subscribe(topic, since=parse_position(since))
+    if last is not None:
+        return Subscribe(topic, last=parse_count(last, "last", "invalid_last"))
+    return Subscribe(topic)
+
+
+def parse_position(since: Any) -> Position:
+    """Read ``{"epoch": E, "seq": N}`` as sent by a client.
+
+    Raises:
+        ProtocolError: ``invalid_since``.
+    """
+    if not isinstance(since, dict) or set(since) != {"epoch", "seq"}:
+        raise ProtocolError("invalid_since", "since is an object with 'epoch' and 'seq' only")
+    return Position(
+        parse_epoch(since["epoch"], "invalid_since"),
+        parse_count(since["seq"], "since.seq", "invalid_since"),
+    )
+
+
+def parse_epoch(epoch: Any, error: str) -> str:
+    """Check an epoch sent by a client: a string of 1 to ``MAX_EPOCH_LENGTH`` characters.
+
+    Raises:
+        ProtocolError: with the code ``error``.
+    """
+    if not isinstance(epoch, str) or not 0 < len(epoch) <= MAX_EPOCH_LENGTH:
+        raise ProtocolError(error, f"epoch is a string of 1 to {MAX_EPOCH_LENGTH} characters")
+    return epoch
+
+
+def parse_count(value: object, name: str, error: str) -> int:
+    """Check a sequence number or count sent by a client: an integer from 0 to 2**63 - 1.
+
+    Raises:
+        ProtocolError: with the code ``error``.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63:
+        return value
+    raise ProtocolError(error, f"{name} is an integer from 0 to 2**63 - 1")
+
+
+def parse_query_count(text: str, name: str, error: str) -> int:
+    """Check a sequence number or count given as a query parameter's decimal digits.
+
+    Raises:
+        ProtocolError: with the code ``error``.
+    """
+    if text.isascii() and text.isdigit() and len(text) < 20:
+        return parse_count(int(text), name, error)
+    raise ProtocolError(error, f"{name} is an integer from 0 to 2**63 - 1")
+
+
+def parse_history_query(query: Mapping[str, str], maximum: int) -> tuple[Position | None, int]:
+    """Read ``GET /history``'s ``since``, ``epoch`` and ``limit`` (``token`` is auth's).
+
+    Raises:
+        ProtocolError: ``invalid_query`` (an unknown parameter), ``invalid_limit`` (not 1 to
+            ``maximum``) or ``invalid_since`` (not a count, or without its epoch).
+    """
+    unknown = set(query) - {"since", "epoch", "limit", "token"}
+    if unknown:
+        raise ProtocolError("invalid_query", f"unknown parameters: {sorted(unknown)}")
+    limit = parse_query_count(query.get("limit", str(maximum)), "limit", "invalid_limit")
+    if not 0 < limit <= maximum:
+        raise ProtocolError("invalid_limit", f"limit is 1 to {maximum}")
+    if "since" not in query and "epoch" not in query:
+        return None, limit
+    if "since" not in query or "epoch" not in query:
+        raise ProtocolError("invalid_since", "give since and epoch together")
+    epoch = parse_epoch(query["epoch"], "invalid_since")
+    return Position(epoch, parse_query_count(query["since"], "since", "invalid_since")), limit
 
 
 def payload_of(data: Any) -> Payload:
@@ -210,9 +309,20 @@ def parse_json_body(body: bytes) -> Payload:
     return payload_of(_loads(body))
 
 
-def control_frame(op: str, **fields: str) -> Frame:
+def control_frame(op: str, **fields: str | int | bool) -> Frame:
     """Encode a server control frame such as ``{"op":"pong"}``."""
     return Frame.of(_dumps({"op": op, **fields}), control=True)
+
+
+def history_body(
+    topic: str, position: Position, recovered: bool | None, envelopes: list[Frame]
+) -> str:
+    """Encode ``GET /history``'s answer around envelopes already encoded for the wire."""
+    head = _dumps(
+        {"topic": topic, "epoch": position.epoch, "seq": position.seq, "recovered": recovered}
+    )
+    messages = ",".join(frame.data for frame in envelopes if isinstance(frame.data, str))
+    return head[:-1] + ',"messages":[' + messages + "]}"
 
 
 def error_frame(error: ProtocolError) -> Frame:

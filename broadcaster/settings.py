@@ -32,6 +32,7 @@ ENV_PREFIX = "BROADCASTER_"
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 # Shorter secrets can be guessed, and PyJWT warns about HS256 keys under 32 bytes.
 MIN_SECRET_LENGTH = 32
 # A publish token is compared in constant time, but a short one can still be guessed.
@@ -102,6 +103,8 @@ PublicKey = Annotated[SecretStr | None, BeforeValidator(_read_key), AfterValidat
 # The backplane URL schemes, and the client module (and extra of the same name) each needs.
 BACKPLANE_SCHEMES = {"redis": "redis", "rediss": "redis", "nats": "nats", "tls": "nats"}
 MEMORY = "memory"
+# Messages kept per topic when BROADCASTER_HISTORY_SIZE is unset and the backplane is memory.
+DEFAULT_HISTORY_SIZE = 1000
 
 
 class LogFormat(StrEnum):
@@ -267,6 +270,30 @@ class Settings(BaseSettings):
     backplane_reconnect_max: PositiveFloat = Field(
         5.0, description="Most seconds between two reconnect tries (before jitter)."
     )
+    history_size: NonNegativeInt | None = Field(
+        None,
+        description="Messages kept per topic for clients that resume or rewind; 0 turns "
+        "history off. Unset: 1000 with the memory backplane, 0 with a broker (history shared "
+        "by several nodes is not supported yet).",
+    )
+    history_max_bytes: PositiveInt = Field(
+        1024 * 1024, description="Bytes of history kept per topic."
+    )
+    history_ttl: PositiveFloat = Field(
+        120.0,
+        description="Seconds after a topic's last publish when its history and its epoch are "
+        "forgotten (unless it has subscribers, which keeps its position).",
+    )
+    history_total_bytes: PositiveInt = Field(
+        64 * 1024 * 1024,
+        description="Bytes of history over all topics, with a fixed charge per topic; past it "
+        "the least recently published topics are forgotten first.",
+    )
+    recovery_max: PositiveInt = Field(
+        1000,
+        description="The most messages one resume or rewind replays; a client that missed "
+        "more gets recovered: false, and GET /history pages at most this many.",
+    )
     log_level: LogLevel = Field(LogLevel.INFO, description="Least severe level logged.")
     log_format: LogFormat | None = Field(
         None, description="`console` or `json`; unset picks console on a terminal, json otherwise."
@@ -320,6 +347,29 @@ class Settings(BaseSettings):
                 "(RS256, ES256), not both"
             )
         return self
+
+    @model_validator(mode="after")
+    def _history_fits(self) -> Self:
+        if self.history_total_bytes < self.history_max_bytes:
+            raise ValueError(
+                f"{ENV_PREFIX}HISTORY_TOTAL_BYTES ({self.history_total_bytes}) must not be "
+                f"less than {ENV_PREFIX}HISTORY_MAX_BYTES ({self.history_max_bytes})"
+            )
+        if self.history_size and self.backplane != MEMORY:
+            raise ValueError(
+                f"{ENV_PREFIX}HISTORY_SIZE={self.history_size} needs "
+                f"{ENV_PREFIX}BACKPLANE=memory: history shared by several nodes through a "
+                f"broker is not supported yet; set {ENV_PREFIX}HISTORY_SIZE=0 (or leave it "
+                "unset) with a broker"
+            )
+        return self
+
+    @property
+    def history_messages(self) -> int:
+        """Messages kept per topic: ``HISTORY_SIZE``, or its default for the backplane."""
+        if self.history_size is not None:
+            return self.history_size
+        return DEFAULT_HISTORY_SIZE if self.backplane == MEMORY else 0
 
     @property
     def subscribe_open(self) -> bool:

@@ -1,4 +1,4 @@
-"""Subscribe to broadcaster topics over the multiplexed WebSocket and print what arrives.
+"""Subscribe to broadcaster topics and print what arrives, resuming across reconnects.
 
 Start a server, subscribe to two topics, and publish to one of them from another terminal::
 
@@ -6,134 +6,26 @@ Start a server, subscribe to two topics, and publish to one of them from another
     .venv/bin/python examples/subscriber.py news sport
     .venv/bin/python examples/publisher.py --topic news --count 5
 
-The script speaks the multiplexed protocol of ``GET /ws``: it sends one
-``{"op":"subscribe","topic":T}`` per topic and prints each message envelope
-``{"topic":T,"seq":N,"data":D}``. A frame may also be a JSON array of envelopes, since the
-server may coalesce queued messages into one frame. ``seq`` counts per topic, so a jump
-means the server dropped messages for this client (it fell behind and the overflow policy
-made room); the script reports each gap on stderr. When the connection closes it prints the
-close code and reason: 1001 when the server shuts down, 1013 when this client was too slow.
+It runs on :class:`broadcaster.client.Client` (``pip install 'broadcaster[client]'``), which
+speaks the multiplexed protocol of ``GET /ws``. Each message prints as ``[topic #seq] data``.
+Stop the server and start it again, or cut the network: the client reconnects with jittered
+backoff and subscribes with ``since`` its last ``(epoch, seq)`` per topic, so the server
+replays what was missed from its history. A ``seq`` gap within one connection (the server
+dropped messages because this client fell behind) is filled the same way. What history can no
+longer provide (a restarted server has a new epoch) is reported on stderr as lost.
 
-With ``--count N`` it leaves (closing with 1000) after N messages; ``--idle-timeout S`` makes
-it leave after S seconds without a message. Exit status: 0 on a normal close, 1 otherwise.
+With ``--count N`` it leaves after N messages; ``--idle-timeout S`` makes it leave after S
+seconds without one. Exit status: 0, or 1 when the server refused the client.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import sys
-from dataclasses import dataclass, field
-from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
-
-# Largest frame accepted from the server; coalesced frames hold many messages.
-MAX_FRAME_BYTES = 16 * 1024 * 1024
-# Close codes that mean the connection ended as intended.
-NORMAL_CLOSE_CODES = frozenset({1000, 1001})
-
-
-@dataclass(slots=True)
-class SeqTracker:
-    """Follow ``seq`` per topic and report what went missing."""
-
-    last: dict[str, int] = field(default_factory=dict)
-    missed: int = 0
-
-    def check(self, topic: str, seq: int) -> str | None:
-        """Record ``seq`` for ``topic``; return a report when it is not the one expected.
-
-        The first message of a topic only sets the baseline: messages published before the
-        subscription took effect were never meant for this client.
-        """
-        previous = self.last.get(topic)
-        self.last[topic] = seq
-        if previous is None or seq == previous + 1:
-            return None
-        if seq > previous + 1:
-            lost = seq - previous - 1
-            self.missed += lost
-            return f"gap on {topic!r}: seq {previous} -> {seq}, {lost} message(s) missed"
-        return f"seq on {topic!r} went back from {previous} to {seq}: the topic was restarted"
-
-    def forget(self, topic: str) -> None:
-        """Drop the baseline of ``topic`` (after an unsubscribe)."""
-        self.last.pop(topic, None)
-
-
-def envelopes(frame: str | bytes) -> list[dict[str, Any]]:
-    """Split one server frame into its JSON objects: a frame is an object or an array.
-
-    Raises:
-        ValueError: the frame is not a JSON object or an array of objects.
-    """
-    if isinstance(frame, bytes):
-        raise ValueError("multiplexed mode sends JSON text frames, not binary ones")
-    value = json.loads(frame)
-    items = value if isinstance(value, list) else [value]
-    if not all(isinstance(item, dict) for item in items):
-        raise ValueError(f"not a JSON object or array of objects: {frame[:200]!r}")
-    return items
-
-
-def describe_data(envelope: dict[str, Any]) -> str:
-    """Render an envelope's ``data`` for printing; base64 data is decoded to bytes."""
-    data = envelope.get("data")
-    if envelope.get("encoding") == "base64" and isinstance(data, str):
-        return repr(base64.b64decode(data))
-    return json.dumps(data, ensure_ascii=False)
-
-
-def handle(envelope: dict[str, Any], tracker: SeqTracker) -> bool:
-    """Print one envelope; return whether it was a message (as opposed to a control frame)."""
-    op = envelope.get("op")
-    if op is None:
-        topic, seq = str(envelope.get("topic")), envelope.get("seq")
-        if isinstance(seq, int):
-            report = tracker.check(topic, seq)
-            if report is not None:
-                print(f"!! {report}", file=sys.stderr, flush=True)
-        print(f"[{topic} #{seq}] {describe_data(envelope)}", flush=True)
-        return True
-    if op == "subscribed":
-        print(f"subscribed to {envelope.get('topic')!r}", flush=True)
-    elif op == "unsubscribed":
-        tracker.forget(str(envelope.get("topic")))
-        print(f"unsubscribed from {envelope.get('topic')!r}", flush=True)
-    elif op == "error":
-        print(
-            f"server error {envelope.get('error')}: {envelope.get('detail')}",
-            file=sys.stderr,
-            flush=True,
-        )
-    elif op != "pong":
-        print(f"unexpected frame: {envelope}", file=sys.stderr, flush=True)
-    return False
-
-
-async def receive_messages(
-    websocket: ClientConnection, tracker: SeqTracker, count: int | None, idle_timeout: float | None
-) -> None:
-    """Print what arrives until ``count`` messages, ``idle_timeout`` or the server's close."""
-    received = 0
-    while count is None or received < count:
-        try:
-            async with asyncio.timeout(idle_timeout):
-                frame = await websocket.recv()
-        except TimeoutError:
-            print(f"no message for {idle_timeout:g} s, leaving", file=sys.stderr, flush=True)
-            return
-        try:
-            items = envelopes(frame)
-        except ValueError as error:
-            print(f"bad frame: {error}", file=sys.stderr, flush=True)
-            continue
-        for envelope in items:
-            received += handle(envelope, tracker)
+from broadcaster.client import Client, ClientError, Gap
 
 
 async def subscribe(
@@ -144,30 +36,35 @@ async def subscribe(
     token: str | None = None,
 ) -> int:
     """Subscribe to ``topics`` at ``url`` and print messages; return the exit status."""
-    tracker = SeqTracker()
-    # A server that requires a token takes it in the Authorization header (browsers, which
-    # cannot set it, put it in a ?token= query parameter instead).
-    headers = {"authorization": f"Bearer {token}"} if token else None
+    client = Client(url, topics, token=token)
+    received = 0
+    items = aiter(client)
     try:
-        async with connect(
-            url, max_size=MAX_FRAME_BYTES, open_timeout=10, additional_headers=headers
-        ) as websocket:
-            print(f"connected to {url}", flush=True)
-            for topic in topics:
-                await websocket.send(json.dumps({"op": "subscribe", "topic": topic}))
+        while count is None or received < count:
             try:
-                await receive_messages(websocket, tracker, count, idle_timeout)
-            except ConnectionClosed:
-                pass  # reported below, from the connection's close code
-            # Leaving the block closes the socket with 1000 if it is still open.
-    except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as error:
-        print(f"cannot connect to {url}: {error}", file=sys.stderr, flush=True)
+                async with asyncio.timeout(idle_timeout):
+                    item = await anext(items)
+            except TimeoutError:
+                print(f"no message for {idle_timeout:g} s, leaving", file=sys.stderr, flush=True)
+                break
+            if isinstance(item, Gap):
+                since = f"seq {item.after.seq}" if item.after else "the start"
+                print(
+                    f"!! lost messages on {item.topic!r} after {since}; "
+                    f"going on from seq {item.resumed.seq} of epoch {item.resumed.epoch}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                continue
+            received += 1
+            data = repr(item.data) if isinstance(item.data, bytes) else json.dumps(item.data)
+            print(f"[{item.topic} #{item.seq}] {data}", flush=True)
+    except ClientError as error:
+        print(f"refused: {error}", file=sys.stderr, flush=True)
         return 1
-    code, reason = websocket.close_code, websocket.close_reason
-    print(f"closed: code={code} reason={reason!r}", flush=True)
-    if tracker.missed:
-        print(f"{tracker.missed} message(s) missed in all", file=sys.stderr, flush=True)
-    return 0 if code in NORMAL_CLOSE_CODES else 1
+    finally:
+        await client.close()
+    return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--url", default="ws://127.0.0.1:8000/ws", help="multiplexed endpoint")
     parser.add_argument("--count", type=int, help="leave after this many messages")
     parser.add_argument("--idle-timeout", type=float, help="leave after this many idle seconds")
-    parser.add_argument("--token", help="a JWT (or publish token) for servers that require one")
+    parser.add_argument("--token", help="a JWT for servers that require one")
     args = parser.parse_args(argv)
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")

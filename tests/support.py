@@ -11,6 +11,7 @@ import time
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from unittest.mock import ANY
 
 import anyio
 import httpx
@@ -232,7 +233,8 @@ async def subscribe(connection: ClientConnection, *topics: str) -> None:
     """Subscribe a multiplexed connection and wait for every acknowledgement."""
     for topic in topics:
         await connection.send(json.dumps({"op": "subscribe", "topic": topic}))
-        assert await receive_json(connection) == {"op": "subscribed", "topic": topic}
+        answer = await receive_json(connection)
+        assert answer == {"op": "subscribed", "topic": topic, "epoch": ANY, "seq": ANY}
 
 
 async def receive_envelopes(connection: ClientConnection, count: int) -> list[dict[str, Any]]:

@@ -51,6 +51,14 @@ def test_bad_setting_exits_2_naming_the_variable(variable: str, value: str, expe
     assert expected in result.stderr
 
 
+def test_history_with_a_broker_backplane_exits_2_naming_both() -> None:
+    """HISTORY_SIZE above 0 with a broker is refused at start, naming both variables."""
+    result = run({"BROADCASTER_HISTORY_SIZE": "100", "BROADCASTER_BACKPLANE": "nats://h:4222"})
+    assert result.returncode == 2
+    assert "BROADCASTER_HISTORY_SIZE" in result.stderr
+    assert "BROADCASTER_BACKPLANE" in result.stderr
+
+
 def test_message_larger_than_the_outbox_is_refused() -> None:
     """MAX_MESSAGE_BYTES above QUEUE_MAX_BYTES is refused, naming both variables."""
     result = run({"BROADCASTER_MAX_MESSAGE_BYTES": "2048", "BROADCASTER_QUEUE_MAX_BYTES": "1024"})

@@ -8,6 +8,7 @@ import json
 import warnings
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
+from unittest.mock import ANY
 
 import anyio
 import pytest
@@ -22,7 +23,8 @@ from broadcaster.errors import (
     ShuttingDown,
     SlowConsumer,
 )
-from broadcaster.hub import BURST, Hub, PendingReceipt, Subscriber
+from broadcaster.hub import BURST, Hub
+from broadcaster.mailbox import PendingReceipt, Subscriber
 from broadcaster.outbox import Outbox
 from broadcaster.policy import Overflow
 from broadcaster.protocol import Frame, Mode, Payload
@@ -120,6 +122,11 @@ async def take_json(subscriber: Subscriber, count: int) -> list[Any]:
     return [json.loads(frame) for frame in frames]
 
 
+def subscribed(topic: str, seq: int = 0, **fields: Any) -> dict[str, Any]:
+    """Match a subscribed frame by its topic, seq and other fields, whatever its epoch."""
+    return {"op": "subscribed", "topic": topic, "epoch": ANY, "seq": seq, **fields}
+
+
 def queued(subscriber: Subscriber) -> int:
     """Return how many frames, data and control, wait in the subscriber's outbox."""
     stats = subscriber.outbox.statistics()
@@ -133,7 +140,7 @@ async def test_a_mux_subscriber_is_told_subscribed_first() -> None:
         subscriber = await join(hub, "news")
         await hub.publish("news", Payload.from_data({"n": 1}))
         assert await take_json(subscriber, 2) == [
-            {"op": "subscribed", "topic": "news"},
+            {"op": "subscribed", "topic": "news", "epoch": ANY, "seq": 0},
             {"topic": "news", "seq": 1, "data": {"n": 1}},
         ]
 
@@ -158,7 +165,7 @@ async def test_publish_fans_out_to_every_subscriber_of_the_topic() -> None:
         mux_b = await join(hub, "t", "other")
         bystander = await join(hub, "other")
         await settle()
-        assert await take(mux_a, 1) == ['{"op":"subscribed","topic":"t"}']
+        assert await take_json(mux_a, 1) == [subscribed("t")]
         assert len(await take(mux_b, 2)) == 2
         assert len(await take(bystander, 1)) == 1
 
@@ -213,18 +220,20 @@ async def test_receipts_report_seq_and_subscribers() -> None:
         assert hub.statistics().published == {"app": 3}
 
 
-async def test_publish_without_subscribers_gets_seq_zero() -> None:
-    """Publishing to a topic nobody subscribes to reaches nobody and has seq 0."""
+async def test_publish_without_subscribers_still_takes_the_next_seq() -> None:
+    """Publishing to a topic nobody subscribes to reaches nobody, but its seq still rises."""
     hub = make_hub()
     async with running(hub):
         subscriber = await join(hub, "elsewhere")
         receipt = hub.publish_nowait("empty", Payload("hello"))
         result = await receipt.wait()
-        assert (result.topic, result.seq, result.subscribers) == ("empty", 0, 0)
+        assert (result.topic, result.seq, result.subscribers) == ("empty", 1, 0)
+        again = await hub.publish_nowait("empty", Payload("again")).wait()
+        assert (again.epoch, again.seq) == (result.epoch, 2)
         stats = hub.statistics()
         assert "empty" not in stats.topics
-        assert stats.published == {"app": 1}
-        assert await take(subscriber, 1) == ['{"op":"subscribed","topic":"elsewhere"}']
+        assert stats.published == {"app": 2}
+        assert await take_json(subscriber, 1) == [subscribed("elsewhere")]
         assert queued(subscriber) == 0
 
 
@@ -241,7 +250,7 @@ async def test_unsubscribe_stops_delivery_and_empty_topics_disappear() -> None:
         await hub.publish("t", Payload("after"))
         await settle()
         assert await take_json(leaving, 2) == [
-            {"op": "subscribed", "topic": "t"},
+            subscribed("t"),
             {"op": "unsubscribed", "topic": "t"},
         ]
         assert queued(leaving) == 0
@@ -298,7 +307,7 @@ async def test_publish_nowait_raises_hub_busy_when_the_mailbox_is_full() -> None
             await receipt.wait()
         assert hub.statistics().mailbox_depth == 0
         # Once the hub has caught up there is room again.
-        assert (await hub.publish_nowait("t", Payload("again")).wait()).seq == 0
+        assert (await hub.publish_nowait("t", Payload("again")).wait()).subscribers == 0
 
 
 def fill_mailbox(hub: Hub) -> list[PendingReceipt]:
@@ -398,7 +407,7 @@ async def test_a_stalled_subscriber_is_cut_off_while_others_get_everything() -> 
         assert (error.code, error.reason) == (CloseCode.TRY_AGAIN_LATER, "slow consumer")
         assert failures.errors == [error]
         assert reader.outbox.error is None
-        assert received[0] == {"op": "subscribed", "topic": "t"}
+        assert received[0] == subscribed("t")
         assert [frame["data"] for frame in received[1:]] == list(range(20))
         assert [frame["seq"] for frame in received[1:]] == list(range(1, 21))
         with pytest.raises(SlowConsumer):

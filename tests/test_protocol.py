@@ -17,12 +17,15 @@ from broadcaster.protocol import (
     Frame,
     Payload,
     Ping,
+    Position,
     Publish,
     Subscribe,
     Unsubscribe,
     control_frame,
     error_frame,
+    history_body,
     parse_frame,
+    parse_query_count,
     validate_topic,
 )
 
@@ -428,9 +431,82 @@ def test_error_frame_is_valid_json() -> None:
     [
         ('{"op":"ping"}', Ping()),
         ('{"op":"subscribe","topic":"a"}', Subscribe("a")),
+        (
+            '{"op":"subscribe","topic":"a","since":{"epoch":"e-1","seq":4}}',
+            Subscribe("a", since=Position("e-1", 4)),
+        ),
+        ('{"op":"subscribe","topic":"a","since":null}', Subscribe("a")),
+        ('{"op":"subscribe","topic":"a","last":0}', Subscribe("a", last=0)),
+        ('{"op":"subscribe","topic":"a","last":25}', Subscribe("a", last=25)),
         ('{"op":"unsubscribe","topic":"a"}', Unsubscribe("a")),
     ],
 )
 def test_parse_frame_returns_commands(frame: str, expected: Command) -> None:
     """parse_frame returns a command equal to the one the frame describes."""
     assert parse_frame(frame) == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ('"since":5', "invalid_since"),
+        ('"since":"e-1:5"', "invalid_since"),
+        ('"since":[]', "invalid_since"),
+        ('"since":{}', "invalid_since"),
+        ('"since":{"epoch":"e"}', "invalid_since"),
+        ('"since":{"seq":1}', "invalid_since"),
+        ('"since":{"epoch":"e","seq":1,"extra":2}', "invalid_since"),
+        ('"since":{"epoch":"","seq":1}', "invalid_since"),
+        ('"since":{"epoch":5,"seq":1}', "invalid_since"),
+        ('"since":{"epoch":"' + "e" * 65 + '","seq":1}', "invalid_since"),
+        ('"since":{"epoch":"e","seq":-1}', "invalid_since"),
+        ('"since":{"epoch":"e","seq":1.5}', "invalid_since"),
+        ('"since":{"epoch":"e","seq":"1"}', "invalid_since"),
+        ('"since":{"epoch":"e","seq":true}', "invalid_since"),
+        ('"since":{"epoch":"e","seq":null}', "invalid_since"),
+        ('"since":{"epoch":"e","seq":9223372036854775808}', "invalid_since"),
+        ('"since":{"epoch":"e","seq":1' + "0" * 400 + "}", "invalid_since"),
+        ('"since":{"epoch":"e","seq":1},"last":2', "invalid_since"),
+        ('"last":-1', "invalid_last"),
+        ('"last":"3"', "invalid_last"),
+        ('"last":false', "invalid_last"),
+        ('"last":2.0', "invalid_last"),
+        ('"last":{}', "invalid_last"),
+        ('"last":1e300', "invalid_last"),
+    ],
+)
+def test_bad_since_and_last_are_rejected(fields: str, code: str) -> None:
+    """Every malformed since or last is a ProtocolError with a code, never a crash."""
+    with pytest.raises(ProtocolError) as raised:
+        parse_frame('{"op":"subscribe","topic":"t",' + fields + "}")
+    assert raised.value.error == code
+    assert raised.value.detail
+
+
+@pytest.mark.parametrize("text", ["", "-1", "1.0", "abc", "\u0661", "9" * 19, "1" * 20, " 1"])
+def test_bad_query_counts_are_rejected(text: str) -> None:
+    """A query parameter that is not 0 to 2**63 - 1 in ASCII digits is a ProtocolError."""
+    with pytest.raises(ProtocolError) as raised:
+        parse_query_count(text, "last", "invalid_last")
+    assert raised.value.error == "invalid_last"
+
+
+def test_query_counts_parse() -> None:
+    """ASCII digits up to 2**63 - 1 are read as a count."""
+    assert parse_query_count("0", "last", "invalid_last") == 0
+    assert parse_query_count("42", "last", "invalid_last") == 42
+    assert parse_query_count(str((1 << 63) - 1), "x", "y") == (1 << 63) - 1
+
+
+def test_history_body_embeds_the_envelopes() -> None:
+    """history_body wraps encoded envelopes with the topic's position."""
+    frames = [Payload.from_data(n).envelope("t", n) for n in (1, 2)]
+    body = history_body("t", Position("e-1", 2), True, frames)
+    assert json.loads(body) == {
+        "topic": "t",
+        "epoch": "e-1",
+        "seq": 2,
+        "recovered": True,
+        "messages": [{"topic": "t", "seq": 1, "data": 1}, {"topic": "t", "seq": 2, "data": 2}],
+    }
+    assert json.loads(history_body("t", Position("e", 0), None, []))["messages"] == []

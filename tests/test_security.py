@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from unittest.mock import ANY
 
 import anyio
 import httpx
@@ -276,7 +277,8 @@ async def test_the_readme_production_configuration_refuses_every_unauthenticated
         await reader.send('{"op": "subscribe", "topic": "admin"}')
         assert (await receive_json(reader))["error"] == "forbidden_topic"
         published = await http.post("/publish/news.eu", json="real", headers=AUTH)
-        assert published.json() == {"topic": "news.eu", "seq": 1, "subscribers": 1}
+        receipt = {"topic": "news.eu", "epoch": ANY, "seq": 1, "subscribers": 1}
+        assert published.json() == receipt
         assert await receive_envelopes(reader, 1) == [
             {"topic": "news.eu", "seq": 1, "data": "real"}
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from typing import TYPE_CHECKING
+from unittest.mock import ANY
 
 import anyio
 import httpx
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
     from websockets.asyncio.client import ClientConnection
 
-    from broadcaster.hub import Subscriber
+    from broadcaster.mailbox import Subscriber
 
 BIG = 64 * 1024
 # Enough 64 KiB messages to fill a stalled client's socket buffers (a few MiB) and its outbox.
@@ -106,9 +107,10 @@ async def test_http_publish_reports_seq_and_subscribers() -> None:
             empty = await http.post("/publish/nobody", content="x")
             topics = await http.get("/topics")
             health = await http.get("/healthz")
-        assert first.json() == {"topic": "prices", "seq": 1, "subscribers": 1}
-        assert second.json() == {"topic": "prices", "seq": 2, "subscribers": 1}
-        assert empty.json() == {"topic": "nobody", "seq": 0, "subscribers": 0}
+        epoch = first.json()["epoch"]
+        assert first.json() == {"topic": "prices", "epoch": epoch, "seq": 1, "subscribers": 1}
+        assert second.json() == {"topic": "prices", "epoch": epoch, "seq": 2, "subscribers": 1}
+        assert empty.json() == {"topic": "nobody", "epoch": ANY, "seq": 1, "subscribers": 0}
         assert topics.json() == {"prices": 1}
         assert health.json()["status"] == "ok"
         assert [e["data"] for e in await receive_envelopes(mux, 2)] == [{"eur": 1.08}, "plain"]

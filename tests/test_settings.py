@@ -333,3 +333,54 @@ def test_reconnect_delays_must_be_in_order(monkeypatch: pytest.MonkeyPatch) -> N
     (line,) = describe_errors(settings_error())
     assert "BROADCASTER_BACKPLANE_RECONNECT_MIN must not exceed" in line
     assert "BROADCASTER_BACKPLANE_RECONNECT_MAX" in line
+
+
+def test_history_defaults() -> None:
+    """History is on by default in memory mode, with a two-minute window, and off with a broker."""
+    settings = Settings()
+    assert settings.history_size is None
+    assert settings.history_messages == 1000
+    assert settings.history_max_bytes == 1024 * 1024
+    assert settings.history_ttl == 120.0
+    assert settings.history_total_bytes == 64 * 1024 * 1024
+    assert settings.recovery_max == 1000
+    assert Settings(history_size=0).history_messages == 0
+    assert Settings(backplane="redis://127.0.0.1:6379").history_messages == 0
+
+
+def test_history_with_a_broker_is_refused_naming_both_settings() -> None:
+    """HISTORY_SIZE above 0 with a broker backplane is refused: history is not shared yet."""
+    with pytest.raises(ValidationError) as raised:
+        Settings(history_size=10, backplane="nats://127.0.0.1:4222")
+    [line] = describe_errors(raised.value)
+    assert line.startswith("BROADCASTER_HISTORY_SIZE=10 needs BROADCASTER_BACKPLANE=memory")
+    assert Settings(history_size=0, backplane="nats://127.0.0.1:4222").history_messages == 0
+
+
+def test_the_history_budget_must_hold_one_topic() -> None:
+    """HISTORY_TOTAL_BYTES below HISTORY_MAX_BYTES is refused, naming both."""
+    with pytest.raises(ValidationError) as raised:
+        Settings(history_total_bytes=1000, history_max_bytes=2000)
+    assert describe_errors(raised.value) == [
+        "BROADCASTER_HISTORY_TOTAL_BYTES (1000) must not be less than "
+        "BROADCASTER_HISTORY_MAX_BYTES (2000)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("HISTORY_SIZE", "-1"),
+        ("HISTORY_MAX_BYTES", "0"),
+        ("HISTORY_TTL", "0"),
+        ("HISTORY_TOTAL_BYTES", "many"),
+        ("RECOVERY_MAX", "0"),
+    ],
+)
+def test_bad_history_values_are_described(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """Each history setting is validated and named with its value."""
+    monkeypatch.setenv(ENV_PREFIX + name, value)
+    [line] = describe_errors(settings_error())
+    assert line.startswith(f"{ENV_PREFIX}{name}={value!r}: ")

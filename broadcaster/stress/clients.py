@@ -53,7 +53,7 @@ FREE_RECEIVE_BUFFER = 256 * 1024
 
 _SEQ = b'"seq":'
 _DATA = b'"data":"'
-_OP = b'"op":'
+_CONTROL = b'{"op":'
 
 
 def bucket(micros: int) -> int:
@@ -218,9 +218,13 @@ class Receiver(WSListener):
             if self.raw:
                 count = self.tally.raw(payload, now_ns)
             else:
-                if payload.find(_OP) != -1:
+                # The server sends each control frame on its own, "op" first; the
+                # subscribed one carries a "seq" that is not a message's.
+                if payload.startswith(_CONTROL):
                     self._control(payload)
-                count = self.tally.mux(payload, now_ns)
+                    count = 0
+                else:
+                    count = self.tally.mux(payload, now_ns)
             if self.budget is not None:
                 self.budget -= count
                 if self.budget <= 0:

@@ -1,0 +1,120 @@
+"""What the hub's mailbox carries: the commands, the connections they name, and receipts.
+
+Only :mod:`broadcaster.hub` reads commands; connections and the app build them through its
+methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+import anyio
+
+from broadcaster.errors import HubStopped
+
+if TYPE_CHECKING:
+    from broadcaster.outbox import Outbox
+    from broadcaster.protocol import Mode, Payload, Position
+
+
+class Source(StrEnum):
+    """Where a publish came from, as the metrics count it."""
+
+    WS = "ws"
+    HTTP = "http"
+    APP = "app"
+    BACKPLANE = "backplane"
+
+
+@dataclass(eq=False, slots=True)
+class Subscriber:
+    """One connection as the hub sees it. ``topics`` is the hub's to change.
+
+    ``conn_id``, ``peer`` and ``opened_at`` (monotonic seconds) are for operators' eyes.
+    """
+
+    outbox: Outbox
+    mode: Mode
+    topics: set[str] = field(default_factory=set)
+    conn_id: str = ""
+    peer: str | None = None
+    opened_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What became of one publish."""
+
+    topic: str
+    epoch: str
+    seq: int
+    subscribers: int
+
+
+class PendingReceipt:
+    """A :class:`Receipt` the hub fills in once it has fanned the publish out."""
+
+    __slots__ = ("_done", "_event", "_receipt")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._receipt: Receipt | None = None
+        # Made only when somebody waits: most publishes are never asked about.
+        self._event: anyio.Event | None = None
+
+    def _set(self, receipt: Receipt | None) -> None:
+        self._receipt = receipt
+        self._done = True
+        if self._event is not None:
+            self._event.set()
+
+    async def wait(self) -> Receipt:
+        """Wait for the hub to process the publish.
+
+        Raises:
+            HubStopped: the hub stopped before it got to this publish.
+        """
+        if not self._done:
+            self._event = anyio.Event()
+            await self._event.wait()
+        if self._receipt is None:
+            raise HubStopped
+        return self._receipt
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeCommand:
+    subscriber: Subscriber
+    topic: str
+    since: Position | None
+    last: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class UnsubscribeCommand:
+    subscriber: Subscriber
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class PublishCommand:
+    topic: str
+    payload: Payload
+    source: Source
+    receipt: PendingReceipt | None
+
+
+@dataclass(frozen=True, slots=True)
+class PingCommand:
+    subscriber: Subscriber
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """Wakes an idle hub so that it takes a departure."""
+
+
+Command = SubscribeCommand | UnsubscribeCommand | PublishCommand | PingCommand | Wake
+WAKE = Wake()
