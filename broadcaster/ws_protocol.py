@@ -67,8 +67,10 @@ MAX_REASON_BYTES = 123
 # The transport's write buffer: writes pause above HIGH_WATER and resume below LOW_WATER.
 HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
-# Bytes of a client's message the app may have waiting before reading from it stops.
+# Bytes of a client's messages the app may have waiting before reading from it stops, each
+# message charged its size plus what an ASGI event costs in memory.
 INBOX_BYTES = 64 * 1024
+MESSAGE_OVERHEAD = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +250,12 @@ class WebSocketProtocol(asyncio.Protocol):
             # Data after the close handshake completed.
             self._abort()
             return
+        self._process()
+
+    def _process(self) -> None:
+        """Act on the frames received, until the app has ``INBOX_BYTES`` of messages waiting;
+        what is left waits in wsproto's buffer (reading is paused) until the app catches up."""
+        assert self._conn is not None
         for event in self._conn.events():
             if not self._charge(event):
                 return
@@ -263,6 +271,8 @@ class WebSocketProtocol(asyncio.Protocol):
                 self._answered(bytes(event.payload))
             elif isinstance(event, CloseConnection):
                 self._peer_closed(event)
+            if self._inbox_bytes >= INBOX_BYTES and not self._close_sent:
+                break
         self._update_reading()
 
     def eof_received(self) -> bool | None:
@@ -374,7 +384,8 @@ class WebSocketProtocol(asyncio.Protocol):
         if self._inbox_next == len(self._inbox):
             self._inbox.clear()
             self._inbox_next = self._inbox_bytes = 0
-            self._update_reading()
+            if self._conn is not None and not self._close_sent:
+                self._process()
         return message
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -522,7 +533,7 @@ class WebSocketProtocol(asyncio.Protocol):
             data = ("" if isinstance(data, str) else b"").join(self._parts)
             self._parts = []
         key = "text" if isinstance(data, str) else "bytes"
-        self._inbox_bytes += self._parts_bytes
+        self._inbox_bytes += self._parts_bytes + MESSAGE_OVERHEAD
         self._parts_bytes = 0
         self._deliver({"type": "websocket.receive", key: data})
 
@@ -594,6 +605,8 @@ class WebSocketProtocol(asyncio.Protocol):
         """Close for a reason of the server's own, which the connection then counts."""
         if not self._close_sent and self._conn is not None:
             self.closing = closing
+            # What the client sent and the app has not read yet is not acted on.
+            del self._inbox[self._inbox_next :]
             self._close(closing.code, closing.reason, linger)
 
     def _close(self, code: int, reason: str, linger: float | None = None) -> None:
