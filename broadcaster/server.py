@@ -2,7 +2,7 @@
 first signal, and ``--workers`` (see :mod:`broadcaster.workers`).
 
 The protocol classes uvicorn serves with are broadcaster's own, from
-:mod:`broadcaster.uvicorn_protocols`.
+:mod:`broadcaster.http_protocol` and :mod:`broadcaster.uvicorn_protocols`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from broadcaster.http_protocol import HTTPGate, HTTPLimits, HTTPProtocol
 from broadcaster.log import get_logger
-from broadcaster.uvicorn_protocols import HTTPProtocol, WSProtocol
+from broadcaster.uvicorn_protocols import WSProtocol
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -55,11 +56,17 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     uvicorn_logger = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, HideQueryStrings) for f in uvicorn_logger.filters):
         uvicorn_logger.addFilter(HideQueryStrings())
+    # One gate per server: its HTTP connections are counted together, and refused ones are
+    # counted with the app's other refusals.
+    live = getattr(getattr(app, "state", None), "broadcaster", None)
+    gate = HTTPGate(
+        HTTPLimits.from_settings(settings), live.count_refusal if live is not None else None
+    )
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        http=type("HTTPProtocol", (HTTPProtocol,), {"head_timeout": settings.handshake_timeout}),
+        http=type("HTTPProtocol", (HTTPProtocol,), {"gate": gate}),
         ws=type("WSProtocol", (WSProtocol,), {"linger": settings.close_timeout}),
         ws_max_size=settings.max_message_bytes,
         ws_ping_interval=settings.ping_interval,

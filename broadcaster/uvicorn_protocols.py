@@ -8,8 +8,6 @@ reads again learns why it was cut off, and a peer that never reads is aborted af
 ``BROADCASTER_CLOSE_TIMEOUT`` rather than holding its buffer until TCP gives up. Shutdown
 says 1001, and a bad frame is answered with wsproto's code (1007 for text that is not UTF-8,
 1002 for a protocol error). It also offers the app the :class:`FastLane`.
-
-:class:`HTTPProtocol` drops connections that are slow to send a request head.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 import anyio
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol as UvicornWSProtocol
 from wsproto.connection import ConnectionState
@@ -36,48 +33,6 @@ if TYPE_CHECKING:
 
 # A close frame's reason is at most 123 bytes (RFC 6455, section 5.5).
 MAX_REASON_BYTES = 123
-
-
-class HTTPProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, dropping a connection that is slow to send a request head.
-
-    uvicorn times out a keep-alive connection between requests, but not one that opens and
-    then sends a request head (a WebSocket handshake, say) a byte at a time, or never: each
-    would hold a socket for as long as its client liked (slowloris). A request head has to
-    arrive whole within ``head_timeout`` seconds of its first byte, or of the connection
-    opening; :func:`uvicorn_config` serves a subclass whose ``head_timeout`` comes from
-    ``BROADCASTER_HANDSHAKE_TIMEOUT``.
-    """
-
-    head_timeout = 10.0
-    _head_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._start_head_timer()
-
-    def on_message_begin(self) -> None:
-        """Start the next request's clock at its first byte."""
-        super().on_message_begin()
-        self._start_head_timer()
-
-    def on_headers_complete(self) -> None:
-        """Stop the clock: the head has arrived whole."""
-        self._stop_head_timer()
-        super().on_headers_complete()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_head_timer()
-        super().connection_lost(exc)
-
-    def _start_head_timer(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.head_timeout, self.transport.close)
-
-    def _stop_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
 
 
 class FastLane:

@@ -1,0 +1,392 @@
+"""The uvicorn HTTP protocol broadcaster serves with: HTTP bounded in time, size and number.
+
+uvicorn's httptools protocol takes a request head of any size with any number of headers, a
+body at any pace, and any number of connections, each of which an attacker can hold open
+with a byte now and then. :class:`HTTPProtocol` bounds each of them:
+
+- a request head must arrive whole within ``head_timeout`` of its first byte (or of the
+  connection opening), or the connection is dropped;
+- a head over ``max_head_bytes`` (counted as the bytes arrive, so that a header streamed
+  forever is cut off at the limit rather than buffered until it ends) or with more than
+  ``max_headers`` headers is answered 431 and closed;
+- a body must arrive whole within ``body_timeout`` of its head, and, after a grace of
+  :data:`BODY_RATE_GRACE` seconds, at an average of at least ``body_min_rate`` bytes a
+  second, or it is answered 408 and closed;
+- a server holds at most ``max_connections`` HTTP connections, and at most
+  ``max_connections_per_address`` from one client address: past them a new connection is
+  answered 503 or 429 (with ``Retry-After``) and closed, without the app ever running.
+
+A connection upgraded to a WebSocket stops counting as an HTTP connection when uvicorn hands
+its transport to the WebSocket protocol; ``BROADCASTER_MAX_CONNECTIONS`` bounds those.
+
+Every refusal is counted through the server's :class:`HTTPGate`. A request whose body the
+server cut off is marked in the ASGI scope extension :data:`broadcaster.errors.SERVER_REFUSAL`,
+so that the app, which then sees the client as gone, does not count it twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from broadcaster.errors import SERVER_REFUSAL, Refused
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable
+
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from broadcaster.settings import Settings
+
+# Seconds a body may take before its rate is judged: room for the round trip of an
+# ``Expect: 100-continue`` and for TCP's slow start on a long link.
+BODY_RATE_GRACE = 2.0
+# Fewest seconds between two looks at a body's progress, so that a slow body costs few timers.
+BODY_CHECK_INTERVAL = 0.25
+# Seconds a refused client is told to wait before it tries again.
+RETRY = {"Retry-After": "1"}
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPLimits:
+    """How much time, size and how many connections HTTP clients get; see the module."""
+
+    head_timeout: float = 10.0
+    max_head_bytes: int = 16 * 1024
+    max_headers: int = 100
+    body_timeout: float = 30.0
+    body_min_rate: int = 1024
+    max_connections: int = 1000
+    max_connections_per_address: int = 100
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HTTPLimits:
+        """The limits the ``BROADCASTER_*`` settings ask for."""
+        return cls(
+            head_timeout=settings.handshake_timeout,
+            max_head_bytes=settings.max_header_bytes,
+            max_headers=settings.max_headers,
+            body_timeout=settings.body_timeout,
+            body_min_rate=settings.body_min_rate,
+            max_connections=settings.max_http_connections,
+            max_connections_per_address=settings.max_http_connections_per_address,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GateStatistics:
+    """The HTTP connections a gate holds open: in all, and the addresses they come from."""
+
+    open: int
+    addresses: int
+
+
+class HTTPGate:
+    """One server's HTTP connections: the limits they get, how many are open, and where
+    refusals are counted.
+
+    Args:
+        limits: the bounds every connection of the server gets.
+        on_refused: called with each refusal and the peer (``host:port``) it went to; the
+            server passes :meth:`broadcaster.app.Broadcaster.count_refusal`.
+
+    The table of addresses holds only addresses with a connection open, so it is bounded by
+    ``limits.max_connections``.
+    """
+
+    def __init__(
+        self,
+        limits: HTTPLimits,
+        on_refused: Callable[[Refused, str | None], None] | None = None,
+    ) -> None:
+        self.limits = limits
+        self._on_refused = on_refused
+        self._open = 0
+        self._by_address: dict[str, int] = {}
+
+    def admit(self, address: str) -> Refused | None:
+        """Take a slot for a new connection from ``address``, or say why there is none.
+
+        The caller gives the slot back with :meth:`release`.
+        """
+        if self._open >= self.limits.max_connections:
+            return Refused(
+                503, "too_many_http_connections", "the server is full; retry later", RETRY
+            )
+        held = self._by_address.get(address, 0)
+        if held >= self.limits.max_connections_per_address:
+            return Refused(
+                429,
+                "too_many_http_connections_from_address",
+                "too many connections from this address; retry later",
+                RETRY,
+            )
+        self._open += 1
+        self._by_address[address] = held + 1
+        return None
+
+    def release(self, address: str) -> None:
+        """Give back the slot that :meth:`admit` took for a connection from ``address``."""
+        self._open -= 1
+        held = self._by_address.pop(address) - 1
+        if held:
+            self._by_address[address] = held
+
+    def count(self, refused: Refused, peer: str | None) -> None:
+        """Count a refusal where the server counts them."""
+        if self._on_refused is not None:
+            self._on_refused(refused, peer)
+
+    def statistics(self) -> GateStatistics:
+        """How many connections are open now, and from how many addresses."""
+        return GateStatistics(self._open, len(self._by_address))
+
+
+def refusal_response(refused: Refused, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A whole HTTP response for ``refused``, with a JSON body like the app's refusals, that
+    closes the connection."""
+    body = json.dumps({"error": refused.error, "detail": refused.detail}).encode()
+    head = [STATUS_LINE[refused.status]]
+    headers = [
+        *default_headers,
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *((name.lower().encode(), value.encode()) for name, value in refused.headers.items()),
+    ]
+    head.extend(name + b": " + value + b"\r\n" for name, value in headers)
+    return b"".join([*head, b"\r\n", body])
+
+
+class HTTPProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, bounding each connection in time, size and number.
+
+    :func:`broadcaster.server.uvicorn_config` serves a subclass whose ``gate`` is shared by
+    every connection of the server. Without one, each connection gets the default
+    :class:`HTTPLimits` and a gate of its own, so that only the connection limits are lost.
+    """
+
+    gate: HTTPGate | None = None
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._gate = self.gate if self.gate is not None else HTTPGate(HTTPLimits())
+        self._limits = self._gate.limits
+        # The address whose slot this connection holds, until it ends or upgrades.
+        self._address: str | None = None
+        # One timer at a time: the head's, then the body's, then the next head's.
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading_head = True
+        self._head_bytes = 0
+        self._header_count = 0
+        # When the current request's head ended, while its body has not arrived whole.
+        self._body_started: float | None = None
+        self._body_bytes = 0
+        self._verdict: dict[object, object] = {}
+        # The server has answered (or dropped) the connection itself; the parser is ignored.
+        self._refused = False
+        self._upgraded = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        address = self.client[0] if self.client else ""
+        refused = self._gate.admit(address)
+        if refused is not None:
+            self._refuse(refused)
+            return
+        self._address = address
+        self._start_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
+        self._release()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser as uvicorn does, but no more than the head's limit while a head
+        is being read: httptools buffers a header until it ends, however long it is."""
+        while self._reading_head and not self._refused:
+            room = self._limits.max_head_bytes - self._head_bytes
+            if len(data) <= room:
+                self._head_bytes += len(data)
+                break
+            # The head may end within its limit and be followed by a body: feed up to the
+            # limit, and see.
+            self._head_bytes += room
+            super().data_received(data[:room])
+            if self._refused or self._upgraded or self.transport.is_closing():
+                return
+            if self._reading_head:
+                limit = self._limits.max_head_bytes
+                self._refuse(
+                    Refused(431, "header_too_large", f"the request head exceeds {limit} bytes")
+                )
+                return
+            data = data[room:]
+        if self._refused:
+            return
+        super().data_received(data)
+        if self._body_started is not None and self._timer is None and not self._refused:
+            self._schedule_body_check()
+
+    def on_message_begin(self) -> None:
+        """Start the next request's clock at its first byte."""
+        if self._refused:
+            return
+        super().on_message_begin()
+        self._start_head_timer()
+
+    def on_url(self, url: bytes) -> None:
+        if not self._refused:
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """Take a header, unless it is one too many."""
+        if self._refused:
+            return
+        self._header_count += 1
+        if self._header_count > self._limits.max_headers:
+            limit = self._limits.max_headers
+            self._refuse(Refused(431, "too_many_headers", f"more than {limit} headers"))
+            return
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        """Stop the head's clock and start the body's, unless the request upgrades."""
+        if self._refused:
+            return
+        self._stop_timer()
+        self._reading_head = False
+        self._verdict = {}
+        self.scope["extensions"] = {SERVER_REFUSAL: self._verdict}
+        cycle = self.cycle
+        super().on_headers_complete()
+        if self.cycle is not cycle:  # a request was started (or queued) rather than upgraded
+            self._body_started = self.loop.time()
+            self._body_bytes = 0
+
+    def on_body(self, body: bytes) -> None:
+        if self._refused:
+            return
+        self._body_bytes += len(body)
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        """Stop the body's clock; the next bytes are the next request's head."""
+        if self._refused:
+            return
+        self._stop_timer()
+        self._body_started = None
+        self._reading_head = True
+        # The rest of the chunk being fed (a pipelined head) goes uncounted: at most one
+        # read, on top of the limit.
+        self._head_bytes = self._header_count = 0
+        super().on_message_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        """Hand the connection to the WebSocket protocol as uvicorn does; from now on it is
+        not an HTTP connection, and gives its slot back."""
+        if self._refused:
+            return
+        self._stop_timer()
+        self._release()
+        self._upgraded = True
+        super().handle_websocket_upgrade()
+
+    def send_400_response(self, msg: str) -> None:
+        """Answer a request that is not HTTP as uvicorn does, and count it."""
+        if self._refused:
+            return
+        self._refused = True
+        self._stop_timer()
+        self._gate.count(Refused(400, "invalid_request", msg), self._peer())
+        super().send_400_response(msg)
+
+    def _refuse(self, refused: Refused, *, answer: bool = True) -> None:
+        """Count ``refused``, answer it unless the app's own response has begun, and close.
+
+        The app, if it runs, sees the client as gone.
+        """
+        self._refused = True
+        self._stop_timer()
+        self._verdict["error"] = refused.error
+        self._gate.count(refused, self._peer())
+        cycle = self.cycle
+        started = cycle is not None and cycle.response_started and not cycle.response_complete
+        if answer and not started and not self.transport.is_closing():
+            self.transport.write(refusal_response(refused, self.server_state.default_headers))
+        self.transport.close()
+
+    def _start_head_timer(self) -> None:
+        if self._timer is None and not self._refused:
+            self._timer = self.loop.call_later(self._limits.head_timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._timer = None
+        # Dropped without an answer, as uvicorn drops an idle keep-alive connection: the
+        # client may never have sent a byte.
+        timeout = self._limits.head_timeout
+        refused = Refused(408, "head_timeout", f"no whole request head within {timeout} s")
+        self._refuse(refused, answer=False)
+
+    def _schedule_body_check(self) -> None:
+        """Look at the body again when it would fall behind its rate, or at its deadline."""
+        assert self._body_started is not None
+        limits = self._limits
+        due = self._body_started + limits.body_timeout
+        if limits.body_min_rate and not self._answered():
+            behind = self._body_started + BODY_RATE_GRACE + self._body_bytes / limits.body_min_rate
+            due = min(due, behind)
+        delay = max(due - self.loop.time(), BODY_CHECK_INTERVAL)
+        self._timer = self.loop.call_later(delay, self._check_body)
+
+    def _check_body(self) -> None:
+        self._timer = None
+        assert self._body_started is not None
+        limits = self._limits
+        elapsed = self.loop.time() - self._body_started
+        if self._answered():
+            # The app has answered without the rest of the body (a 401 or a 413, say): at
+            # the deadline, close as for an idle keep-alive connection, with nothing to count.
+            if elapsed >= limits.body_timeout:
+                self._refused = True
+                self.transport.close()
+                return
+        elif elapsed >= limits.body_timeout:
+            detail = f"the body did not arrive within {limits.body_timeout} s"
+            self._refuse(Refused(408, "body_timeout", detail))
+            return
+        elif self._body_bytes < limits.body_min_rate * (elapsed - BODY_RATE_GRACE):
+            detail = f"the body arrived slower than {limits.body_min_rate} bytes a second"
+            self._refuse(Refused(408, "body_too_slow", detail))
+            return
+        self._schedule_body_check()
+
+    def _answered(self) -> bool:
+        """Whether the app has begun its response to the current request."""
+        cycle = self.cycle
+        return cycle is not None and cycle.response_started
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _release(self) -> None:
+        if self._address is not None:
+            self._gate.release(self._address)
+            self._address = None
+
+    def _peer(self) -> str | None:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else None
