@@ -16,135 +16,43 @@ with a byte now and then. :class:`HTTPProtocol` bounds each of them:
   ``max_connections_per_address`` from one client address: past them a new connection is
   answered 503 or 429 (with ``Retry-After``) and closed, without the app ever running.
 
+A refused request's connection lingers briefly before it closes, so that the client can read
+the answer (see :meth:`HTTPProtocol._refuse`).
+
 A connection upgraded to a WebSocket stops counting as an HTTP connection when uvicorn hands
 its transport to the WebSocket protocol; ``BROADCASTER_MAX_CONNECTIONS`` bounds those.
 
-Every refusal is counted through the server's :class:`HTTPGate`. A request whose body the
-server cut off is marked in the ASGI scope extension :data:`broadcaster.errors.SERVER_REFUSAL`,
-so that the app, which then sees the client as gone, does not count it twice.
+Every refusal is counted through the server's :class:`broadcaster.http_gate.HTTPGate`. A
+request whose body the server cut off is marked in the ASGI scope extension
+:data:`broadcaster.errors.SERVER_REFUSAL`, so that the app, which then sees the client as
+gone, does not count it twice.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from broadcaster.errors import SERVER_REFUSAL, Refused
+from broadcaster.http_gate import HTTPGate, HTTPLimits
 
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Callable
 
     from uvicorn.config import Config
     from uvicorn.server import ServerState
-
-    from broadcaster.settings import Settings
 
 # Seconds a body may take before its rate is judged: room for the round trip of an
 # ``Expect: 100-continue`` and for TCP's slow start on a long link.
 BODY_RATE_GRACE = 2.0
 # Fewest seconds between two looks at a body's progress, so that a slow body costs few timers.
 BODY_CHECK_INTERVAL = 0.25
-# Seconds a refused client is told to wait before it tries again.
-RETRY = {"Retry-After": "1"}
-
-
-@dataclass(frozen=True, slots=True)
-class HTTPLimits:
-    """How much time, size and how many connections HTTP clients get; see the module."""
-
-    head_timeout: float = 10.0
-    max_head_bytes: int = 16 * 1024
-    max_headers: int = 100
-    body_timeout: float = 30.0
-    body_min_rate: int = 1024
-    max_connections: int = 1000
-    max_connections_per_address: int = 100
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> HTTPLimits:
-        """The limits the ``BROADCASTER_*`` settings ask for."""
-        return cls(
-            head_timeout=settings.handshake_timeout,
-            max_head_bytes=settings.max_header_bytes,
-            max_headers=settings.max_headers,
-            body_timeout=settings.body_timeout,
-            body_min_rate=settings.body_min_rate,
-            max_connections=settings.max_http_connections,
-            max_connections_per_address=settings.max_http_connections_per_address,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class GateStatistics:
-    """The HTTP connections a gate holds open: in all, and the addresses they come from."""
-
-    open: int
-    addresses: int
-
-
-class HTTPGate:
-    """One server's HTTP connections: the limits they get, how many are open, and where
-    refusals are counted.
-
-    Args:
-        limits: the bounds every connection of the server gets.
-        on_refused: called with each refusal and the peer (``host:port``) it went to; the
-            server passes :meth:`broadcaster.app.Broadcaster.count_refusal`.
-
-    The table of addresses holds only addresses with a connection open, so it is bounded by
-    ``limits.max_connections``.
-    """
-
-    def __init__(
-        self,
-        limits: HTTPLimits,
-        on_refused: Callable[[Refused, str | None], None] | None = None,
-    ) -> None:
-        self.limits = limits
-        self._on_refused = on_refused
-        self._open = 0
-        self._by_address: dict[str, int] = {}
-
-    def admit(self, address: str) -> Refused | None:
-        """Take a slot for a new connection from ``address``, or say why there is none.
-
-        The caller gives the slot back with :meth:`release`.
-        """
-        if self._open >= self.limits.max_connections:
-            return Refused(
-                503, "too_many_http_connections", "the server is full; retry later", RETRY
-            )
-        held = self._by_address.get(address, 0)
-        if held >= self.limits.max_connections_per_address:
-            return Refused(
-                429,
-                "too_many_http_connections_from_address",
-                "too many connections from this address; retry later",
-                RETRY,
-            )
-        self._open += 1
-        self._by_address[address] = held + 1
-        return None
-
-    def release(self, address: str) -> None:
-        """Give back the slot that :meth:`admit` took for a connection from ``address``."""
-        self._open -= 1
-        held = self._by_address.pop(address) - 1
-        if held:
-            self._by_address[address] = held
-
-    def count(self, refused: Refused, peer: str | None) -> None:
-        """Count a refusal where the server counts them."""
-        if self._on_refused is not None:
-            self._on_refused(refused, peer)
-
-    def statistics(self) -> GateStatistics:
-        """How many connections are open now, and from how many addresses."""
-        return GateStatistics(self._open, len(self._by_address))
+# Seconds, and bytes read and dropped, after which a refused request's connection is closed
+# even though its client is still sending.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 64 * 1024
 
 
 def refusal_response(refused: Refused, default_headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -196,6 +104,7 @@ class HTTPProtocol(HttpToolsProtocol):
         self._verdict: dict[object, object] = {}
         # The server has answered (or dropped) the connection itself; the parser is ignored.
         self._refused = False
+        self._lingered = 0
         self._upgraded = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -216,7 +125,12 @@ class HTTPProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         """Feed the parser as uvicorn does, but no more than the head's limit while a head
         is being read: httptools buffers a header until it ends, however long it is."""
-        while self._reading_head and not self._refused:
+        if self._refused:  # lingering after a refusal: drop what the client still sends
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES:
+                self.transport.close()
+            return
+        while self._reading_head:
             room = self._limits.max_head_bytes - self._head_bytes
             if len(data) <= room:
                 self._head_bytes += len(data)
@@ -229,13 +143,10 @@ class HTTPProtocol(HttpToolsProtocol):
                 return
             if self._reading_head:
                 limit = self._limits.max_head_bytes
-                self._refuse(
-                    Refused(431, "header_too_large", f"the request head exceeds {limit} bytes")
-                )
+                detail = f"the request head exceeds {limit} bytes"
+                self._refuse(Refused(431, "header_too_large", detail), linger=True)
                 return
             data = data[room:]
-        if self._refused:
-            return
         super().data_received(data)
         if self._body_started is not None and self._timer is None and not self._refused:
             self._schedule_body_check()
@@ -258,7 +169,9 @@ class HTTPProtocol(HttpToolsProtocol):
         self._header_count += 1
         if self._header_count > self._limits.max_headers:
             limit = self._limits.max_headers
-            self._refuse(Refused(431, "too_many_headers", f"more than {limit} headers"))
+            self._refuse(
+                Refused(431, "too_many_headers", f"more than {limit} headers"), linger=True
+            )
             return
         super().on_header(name, value)
 
@@ -313,10 +226,14 @@ class HTTPProtocol(HttpToolsProtocol):
         self._gate.count(Refused(400, "invalid_request", msg), self._peer())
         super().send_400_response(msg)
 
-    def _refuse(self, refused: Refused, *, answer: bool = True) -> None:
+    def _refuse(self, refused: Refused, *, answer: bool = True, linger: bool = False) -> None:
         """Count ``refused``, answer it unless the app's own response has begun, and close.
 
-        The app, if it runs, sees the client as gone.
+        With ``linger``, the connection is closed only after the client has had
+        :data:`LINGER_SECONDS` to read the answer, while what it still sends is read and
+        dropped: closing a socket with unread data resets it, and a reset may destroy the
+        answer before the client reads it. A lingering connection keeps its slot.
+        The app, if it runs, sees the client as gone once the connection is closed.
         """
         self._refused = True
         self._stop_timer()
@@ -326,7 +243,12 @@ class HTTPProtocol(HttpToolsProtocol):
         started = cycle is not None and cycle.response_started and not cycle.response_complete
         if answer and not started and not self.transport.is_closing():
             self.transport.write(refusal_response(refused, self.server_state.default_headers))
-        self.transport.close()
+        if not linger or self.transport.is_closing():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.flow.resume_reading()
+        self._timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     def _start_head_timer(self) -> None:
         if self._timer is None and not self._refused:
@@ -365,11 +287,11 @@ class HTTPProtocol(HttpToolsProtocol):
                 return
         elif elapsed >= limits.body_timeout:
             detail = f"the body did not arrive within {limits.body_timeout} s"
-            self._refuse(Refused(408, "body_timeout", detail))
+            self._refuse(Refused(408, "body_timeout", detail), linger=True)
             return
         elif self._body_bytes < limits.body_min_rate * (elapsed - BODY_RATE_GRACE):
             detail = f"the body arrived slower than {limits.body_min_rate} bytes a second"
-            self._refuse(Refused(408, "body_too_slow", detail))
+            self._refuse(Refused(408, "body_too_slow", detail), linger=True)
             return
         self._schedule_body_check()
 

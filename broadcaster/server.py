@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from broadcaster.http_protocol import HTTPGate, HTTPLimits, HTTPProtocol
+from broadcaster.http_gate import HTTPGate, HTTPLimits
+from broadcaster.http_protocol import HTTPProtocol
 from broadcaster.log import get_logger
 from broadcaster.uvicorn_protocols import WSProtocol
 

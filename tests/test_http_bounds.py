@@ -13,13 +13,8 @@ import anyio
 import httpx
 from structlog.testing import capture_logs
 
-from broadcaster.http_protocol import (
-    BODY_RATE_GRACE,
-    GateStatistics,
-    HTTPGate,
-    HTTPLimits,
-    HTTPProtocol,
-)
+from broadcaster.http_gate import GateStatistics, HTTPGate, HTTPLimits
+from broadcaster.http_protocol import BODY_RATE_GRACE, HTTPProtocol
 from broadcaster.settings import Settings
 from tests.support import PUBLISH_TOKEN, client, running_server, scrape, subscribe, wait_until
 
