@@ -265,13 +265,12 @@ class HTTPProtocol(HttpToolsProtocol):
     def _schedule_body_check(self) -> None:
         """Look at the body again when it would fall behind its rate, or at its deadline."""
         assert self._body_started is not None
-        limits = self._limits
+        limits, now = self._limits, self.loop.time()
         due = self._body_started + limits.body_timeout
         if limits.body_min_rate and not self._answered():
             behind = self._body_started + BODY_RATE_GRACE + self._body_bytes / limits.body_min_rate
-            due = min(due, behind)
-        delay = max(due - self.loop.time(), BODY_CHECK_INTERVAL)
-        self._timer = self.loop.call_later(delay, self._check_body)
+            due = min(due, max(behind, now + BODY_CHECK_INTERVAL))
+        self._timer = self.loop.call_later(max(due - now, 0.0), self._check_body)
 
     def _check_body(self) -> None:
         self._timer = None

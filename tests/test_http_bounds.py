@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING
 
 import anyio
 import httpx
+import uvicorn
 from structlog.testing import capture_logs
 
+from broadcaster.app import create_app
 from broadcaster.http_gate import GateStatistics, HTTPGate, HTTPLimits
 from broadcaster.http_protocol import BODY_RATE_GRACE, HTTPProtocol
+from broadcaster.server import bind, uvicorn_config
 from broadcaster.settings import Settings
 from tests.support import PUBLISH_TOKEN, client, running_server, scrape, subscribe, wait_until
 
@@ -71,9 +74,9 @@ async def read_all(stream: SocketStream) -> bytes:
     return bytes(wire)
 
 
-async def exchange(live: LiveServer, request: bytes, local_host: str | None = None) -> Answer:
+async def exchange(port: int, request: bytes, local_host: str | None = None) -> Answer:
     """Send ``request`` on a new connection and read the answer until the server closes."""
-    async with await anyio.connect_tcp("127.0.0.1", live.port, local_host=local_host) as stream:
+    async with await anyio.connect_tcp("127.0.0.1", port, local_host=local_host) as stream:
         with suppress(anyio.BrokenResourceError):
             await stream.send(request)
         return parse(await read_all(stream))
@@ -109,13 +112,13 @@ async def test_a_head_over_the_size_limit_is_answered_431() -> None:
     """A request head over MAX_HEADER_BYTES gets 431 header_too_large and is counted."""
     async with running_server(fast(max_header_bytes=1024)) as live:
         big = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n"
-        answer = await exchange(live, big)
+        answer = await exchange(live.port, big)
         assert (answer.status, answer.error) == (431, "header_too_large")
         assert answer.headers["connection"] == "close"
         assert refused(live) == {"header_too_large": 1}
         # A head within the limit is served, body and all.
         fits = HEAD.replace(b"100", b"2") + b"hi"
-        assert (await exchange(live, fits)).status == 200
+        assert (await exchange(live.port, fits)).status == 200
         samples = await scrape(live)
         assert samples[("broadcaster_refused_total", (("reason", "header_too_large"),))] == 1
 
@@ -124,10 +127,10 @@ async def test_a_request_with_too_many_headers_is_answered_431() -> None:
     """More than MAX_HEADERS headers get 431 too_many_headers; exactly as many are served."""
     async with running_server(fast(max_headers=5)) as live:
         extra = b"".join(b"X-%d: 1\r\n" % n for n in range(3))
-        answer = await exchange(live, GET.replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n"))
+        answer = await exchange(live.port, GET.replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n"))
         assert answer.status == 200  # Host, Connection and three more
         extra += b"X-3: 1\r\n"
-        answer = await exchange(live, GET.replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n"))
+        answer = await exchange(live.port, GET.replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n"))
         assert (answer.status, answer.error) == (431, "too_many_headers")
         assert refused(live) == {"too_many_headers": 1}
 
@@ -169,6 +172,33 @@ async def test_a_head_that_never_completes_is_dropped_and_counted() -> None:
             await stream.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             assert await read_all(stream) == b""
         assert refused(live) == {"head_timeout": 1}
+
+
+async def test_bytes_that_are_not_http_are_answered_400_and_counted() -> None:
+    """uvicorn's 400 for bytes it cannot parse is counted as invalid_request."""
+    async with running_server() as live:
+        answer = await exchange(live.port, b"\x00\x01 not HTTP\r\n\r\n")
+        assert answer.status == 400
+        assert refused(live) == {"invalid_request": 1}
+
+
+async def test_the_protocol_served_bare_applies_the_default_limits() -> None:
+    """Served as uvicorn's ``http`` class without a gate, the protocol applies the default
+    limits to each connection."""
+    settings = fast()
+    sock = bind(settings.model_copy(update={"port": 0}))
+    config = uvicorn_config(create_app(settings), settings)
+    config.http = HTTPProtocol
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, [sock])
+        await wait_until(lambda: server.started)
+        port = sock.getsockname()[1]
+        assert (await exchange(port, GET)).status == 200
+        many = b"".join(b"X-%d: 1\r\n" % n for n in range(HTTPLimits().max_headers))
+        answer = await exchange(port, GET.replace(b"\r\n\r\n", b"\r\n" + many + b"\r\n"))
+        assert (answer.status, answer.error) == (431, "too_many_headers")
+        server.should_exit = True
 
 
 # --- the request body ---------------------------------------------------------------------
@@ -286,13 +316,13 @@ async def test_connections_past_the_per_address_limit_are_answered_429() -> None
             await stack.enter_async_context(await anyio.connect_tcp("127.0.0.1", live.port))
         )
         await wait_until(lambda: gate(live).statistics().open == 2)
-        answer = await exchange(live, GET)
+        answer = await exchange(live.port, GET)
         assert (answer.status, answer.error) == (429, "too_many_http_connections_from_address")
         assert answer.headers["retry-after"] == "1"
-        assert (await exchange(live, GET, local_host="127.0.0.2")).status == 200
+        assert (await exchange(live.port, GET, local_host="127.0.0.2")).status == 200
         await held[0].aclose()
         await wait_until(lambda: gate(live).statistics() == GateStatistics(1, 1))
-        assert (await exchange(live, GET)).status == 200
+        assert (await exchange(live.port, GET)).status == 200
         assert refused(live) == {"too_many_http_connections_from_address": 1}
 
 
@@ -304,7 +334,7 @@ async def test_connections_past_the_server_limit_are_answered_503() -> None:
                 await anyio.connect_tcp("127.0.0.1", live.port, local_host=host)
             )
         await wait_until(lambda: gate(live).statistics() == GateStatistics(2, 2))
-        answer = await exchange(live, GET, local_host="127.0.0.3")
+        answer = await exchange(live.port, GET, local_host="127.0.0.3")
         assert (answer.status, answer.error) == (503, "too_many_http_connections")
         assert answer.headers["retry-after"] == "1"
         assert refused(live) == {"too_many_http_connections": 1}
