@@ -30,8 +30,8 @@ class HTTPLimits:
     max_headers: int = 100
     body_timeout: float = 30.0
     body_min_rate: int = 1024
-    max_connections: int = 1000
-    max_connections_per_address: int = 100
+    max_connections: int = 2048
+    max_connections_per_address: int = 256
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HTTPLimits:

@@ -246,12 +246,13 @@ class Settings(BaseSettings):
         "seconds; below it 408. 0 turns the check off.",
     )
     max_http_connections: PositiveInt = Field(
-        1000,
+        # A burst as large as the listen backlog may be in its HTTP phase at once.
+        2048,
         description="Open HTTP connections (not yet upgraded to WebSockets) per server "
         "process; past it new connections get 503.",
     )
     max_http_connections_per_address: PositiveInt = Field(
-        100,
+        256,
         description="Open HTTP connections from one client address per server process; past "
         "it new connections get 429.",
     )

@@ -63,8 +63,8 @@ def test_defaults() -> None:
     assert settings.max_headers == 100
     assert settings.body_timeout == 30.0
     assert settings.body_min_rate == 1024
-    assert settings.max_http_connections == 1000
-    assert settings.max_http_connections_per_address == 100
+    assert settings.max_http_connections == 2048
+    assert settings.max_http_connections_per_address == 256
     assert settings.publish_open
     assert settings.subscribe_open
 
