@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 BODY_RATE_GRACE = 2.0
 # Fewest seconds between two looks at a body's progress, so that a slow body costs few timers.
 BODY_CHECK_INTERVAL = 0.25
+# Bytes of chunk framing allowed per byte of body, on top of the head's limit: a chunk of
+# one byte takes five ("1\r\n", then "\r\n" after it).
+FRAMING_PER_BODY_BYTE = 8
 # Seconds, and bytes read and dropped, after which a refused request's connection is closed
 # even though its client is still sending.
 LINGER_SECONDS = 2.0
@@ -101,6 +104,8 @@ class HTTPProtocol(HttpToolsProtocol):
         # When the current request's head ended, while its body has not arrived whole.
         self._body_started: float | None = None
         self._body_bytes = 0
+        # Bytes received while the body arrives, framing included.
+        self._body_wire = 0
         self._verdict: dict[object, object] = {}
         # The server has answered (or dropped) the connection itself; the parser is ignored.
         self._refused = False
@@ -147,8 +152,21 @@ class HTTPProtocol(HttpToolsProtocol):
                 self._refuse(Refused(431, "header_too_large", detail), linger=True)
                 return
             data = data[room:]
+        started = self._body_started
         super().data_received(data)
-        if self._body_started is not None and self._timer is None and not self._refused:
+        if self._refused or self._body_started is None:
+            return
+        if self._body_started == started:  # the same body, still arriving
+            self._body_wire += len(data)
+            # Chunk sizes and trailers are not body: httptools buffers a trailer as it does
+            # a header, so their bytes are bounded like a head's, plus a little per byte of
+            # body for the framing of small chunks.
+            framing = self._body_wire - self._body_bytes
+            if framing > self._limits.max_head_bytes + FRAMING_PER_BODY_BYTE * self._body_bytes:
+                detail = "the body's chunk framing and trailers are too large"
+                self._refuse(Refused(431, "header_too_large", detail), linger=True)
+                return
+        if self._timer is None:
             self._schedule_body_check()
 
     def on_message_begin(self) -> None:
@@ -187,7 +205,7 @@ class HTTPProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self.cycle is not cycle:  # a request was started (or queued) rather than upgraded
             self._body_started = self.loop.time()
-            self._body_bytes = 0
+            self._body_bytes = self._body_wire = 0
 
     def on_body(self, body: bytes) -> None:
         if self._refused:

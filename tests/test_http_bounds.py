@@ -135,9 +135,13 @@ async def test_a_request_with_too_many_headers_is_answered_431() -> None:
         assert refused(live) == {"too_many_headers": 1}
 
 
-async def test_a_header_streamed_forever_is_cut_off_at_the_limit() -> None:
-    """A header that never ends is answered 431 while its client is still sending it."""
-    chunk, chunks = b"a" * 1024, 16 * 1024  # 16 MiB at most: far more than kernel buffers hold
+# Chunks of 1 KiB an endless sender sends at most: far more than kernel buffers hold.
+ENDLESS_CHUNKS = 16 * 1024
+
+
+async def stream_endlessly(live: LiveServer, start: bytes) -> tuple[Answer, int]:
+    """Send ``start``, then 1 KiB chunks until the server answers; return its answer and how
+    many chunks were sent."""
     sent = 0
     answered = anyio.Event()
     wire = b""
@@ -148,21 +152,52 @@ async def test_a_header_streamed_forever_is_cut_off_at_the_limit() -> None:
         answered.set()
 
     async with (
-        running_server(fast(max_header_bytes=4096)) as live,
         await anyio.connect_tcp("127.0.0.1", live.port) as stream,
         anyio.create_task_group() as tg,
     ):
         tg.start_soon(read, stream)
         with suppress(anyio.BrokenResourceError):
-            await stream.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: ")
-            while sent < chunks and not answered.is_set():
-                await stream.send(chunk)
+            await stream.send(start)
+            while sent < ENDLESS_CHUNKS and not answered.is_set():
+                await stream.send(b"a" * 1024)
                 sent += 1
         await answered.wait()
-    answer = parse(wire)
-    assert (answer.status, answer.error) == (431, "header_too_large")
-    assert sent < chunks
-    assert refused(live) == {"header_too_large": 1}
+    return parse(wire), sent
+
+
+async def test_a_header_streamed_forever_is_cut_off_at_the_limit() -> None:
+    """A header that never ends is answered 431 while its client is still sending it."""
+    start = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: "
+    async with running_server(fast(max_header_bytes=4096)) as live:
+        answer, sent = await stream_endlessly(live, start)
+        assert (answer.status, answer.error) == (431, "header_too_large")
+        assert sent < ENDLESS_CHUNKS
+        assert refused(live) == {"header_too_large": 1}
+
+
+async def test_a_trailer_streamed_forever_is_cut_off() -> None:
+    """A chunked body's trailer, which httptools buffers like a header, is bounded like one."""
+    chunked = (
+        b"POST /publish/t HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Endless: "
+    )
+    async with running_server(fast(max_header_bytes=4096)) as live:
+        answer, sent = await stream_endlessly(live, chunked)
+        assert (answer.status, answer.error) == (431, "header_too_large")
+        assert sent < ENDLESS_CHUNKS
+        assert refused(live) == {"header_too_large": 1}
+
+
+async def test_a_body_in_many_small_chunks_is_published() -> None:
+    """The framing of a body sent a byte a chunk stays within its allowance."""
+    body = b"".join(b"1\r\n%d\r\n" % (n % 10) for n in range(1000)) + b"0\r\n\r\n"
+    request = (
+        b"POST /publish/t HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    async with running_server(fast(max_header_bytes=1024)) as live:
+        assert (await exchange(live.port, request + body)).status == 200
+        assert refused(live) == {}
 
 
 async def test_a_head_that_never_completes_is_dropped_and_counted() -> None:
