@@ -8,7 +8,8 @@ with a byte now and then. :class:`HTTPProtocol` bounds each of them:
   connection opening), or the connection is dropped;
 - a head over ``max_head_bytes`` (counted as the bytes arrive, so that a header streamed
   forever is cut off at the limit rather than buffered until it ends) or with more than
-  ``max_headers`` headers is answered 431 and closed;
+  ``max_headers`` headers is answered 431 and closed, as is a chunked body whose framing and
+  trailers (which httptools buffers like headers) outgrow that limit;
 - a body must arrive whole within ``body_timeout`` of its head, and, after a grace of
   :data:`BODY_RATE_GRACE` seconds, at an average of at least ``body_min_rate`` bytes a
   second, or it is answered 408 and closed;
