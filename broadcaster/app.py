@@ -23,7 +23,7 @@ from starlette.websockets import WebSocketDisconnect
 from broadcaster.auth import Authenticator, Grant, origin_allowed
 from broadcaster.backplane import NODE_ID_BYTES, open_backplane
 from broadcaster.backplane.bridge import Bridge
-from broadcaster.connection import FASTLANE, Connection
+from broadcaster.connection import Connection
 from broadcaster.errors import SERVER_REFUSAL, HubBusy, HubStopped, ProtocolError, Refused
 from broadcaster.hub import Hub, Source, Subscriber
 from broadcaster.log import get_logger
@@ -31,7 +31,7 @@ from broadcaster.metrics import CONTENT_TYPE_LATEST, Metrics
 from broadcaster.policy import AddressLimiter
 from broadcaster.protocol import Payload, parse_json_body, validate_topic
 from broadcaster.settings import MEMORY, Settings
-from broadcaster.writer import Writer
+from broadcaster.writer import FASTLANE, Writer
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -50,7 +50,7 @@ class _StarletteSocket:
     """The :class:`broadcaster.connection.Socket` over a Starlette WebSocket.
 
     It offers the server's fastlane as its lane when there is one (see
-    :class:`broadcaster.uvicorn_protocols.FastLane`); its own :meth:`send` writes plain ASGI
+    :class:`broadcaster.ws_protocol.WebSocketProtocol`); its own :meth:`send` writes plain ASGI
     messages. The bytes on the wire are the same.
     """
 

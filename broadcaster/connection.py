@@ -55,8 +55,6 @@ if TYPE_CHECKING:
 CONTROL_BACKLOG = 32
 # Seconds a close handshake may take before the socket is given up.
 CLOSE_TIMEOUT = 5.0
-# The ASGI scope extension under which broadcaster's uvicorn protocol offers its FastLane.
-FASTLANE = "broadcaster.fastlane"
 
 
 class Socket(Protocol):
@@ -96,14 +94,13 @@ class Connection:
 
     # Thousands of idle connections each hold one: no per-instance dict.
     __slots__ = (
-        "_bytes",
         "_client_publish",
         "_clock",
-        "_frames",
         "_grant",
         "_hub",
         "_idle_timeout",
         "_lane",
+        "_limits",
         "_log",
         "_max_message_bytes",
         "_scope",
@@ -144,12 +141,15 @@ class Connection:
         self._client_publish = settings.client_publish
         self._max_message_bytes = settings.max_message_bytes
         self._clock = clock
-        now = clock()
-        rate = settings.max_messages_per_second
-        self._frames = TokenBucket.full(rate, max(1.0, rate), now)
-        self._bytes = TokenBucket.full(
-            settings.max_bytes_per_second, settings.max_bytes_per_second, now
-        )
+        # A socket with a lane (the server's own protocol) holds every frame to the size and
+        # rate limits as it arrives; elsewhere the connection checks whole messages here.
+        self._limits: tuple[TokenBucket, TokenBucket] | None = None
+        if socket.lane is None:
+            now, rate = clock(), settings.max_messages_per_second
+            self._limits = (
+                TokenBucket.full(rate, max(1.0, rate), now),
+                TokenBucket.full(settings.max_bytes_per_second, settings.max_bytes_per_second, now),
+            )
         lane = socket.lane if writer is not None else None
         self._lane = lane
         # The task group's scope, for a connection with a sender task of its own (see _fail).
@@ -210,7 +210,8 @@ class Connection:
             self._log.exception("connection_crashed")
             closing = Closing(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
-            closing = self.outbox.error or closing
+            lane = self._socket.lane
+            closing = self.outbox.error or closing or (lane.closing if lane else None)
             self.outbox.close()
             self._hub.leave_nowait(self._subscriber)
             self._count(closing)
@@ -256,7 +257,8 @@ class Connection:
                 message = await self._socket.receive()
             if message is None:
                 return
-            self._check_rate(message)
+            if self._limits is not None:
+                self._check_rate(self._limits, message)
             if self._topic is not None:
                 if raw_refusal is not None:
                     raise raw_refusal
@@ -280,12 +282,11 @@ class Connection:
                 self._subscribing = False
                 await self._hub.unsubscribe(self._subscriber, command.topic)
 
-    def _check_rate(self, message: str | bytes) -> None:
-        """Hold the client to the frame size and its frames and bytes a second.
+    def _check_rate(self, limits: tuple[TokenBucket, TokenBucket], message: str | bytes) -> None:
+        """Hold the client to the message size and its messages and bytes a second.
 
         Raises:
-            Closing: 1009 ``message too big`` (uvicorn says so first; this is for other
-                servers), 1008 ``rate limit exceeded``.
+            Closing: 1009 ``message too big``, 1008 ``rate limit exceeded``.
         """
         if isinstance(message, str) and not message.isascii():
             size = len(message.encode())
@@ -293,8 +294,8 @@ class Connection:
             size = len(message)
         if size > self._max_message_bytes:
             raise Closing(CloseCode.MESSAGE_TOO_BIG, "message too big")
-        now = self._clock()
-        if not (self._frames.take(1, now) and self._bytes.take(size, now)):
+        now, (frames, size_limit) = self._clock(), limits
+        if not (frames.take(1, now) and size_limit.take(size, now)):
             raise Closing(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
 
     def _raw_publish_refusal(self, topic: str) -> Closing | None:

@@ -29,6 +29,8 @@ class CloseCode(IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    INVALID_PAYLOAD = 1007
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
@@ -41,6 +43,7 @@ class LagCause(StrEnum):
     QUEUE_FULL = "queue_full"
     LAG = "lag"
     SEND_TIMEOUT = "send_timeout"
+    PING_TIMEOUT = "ping_timeout"
 
 
 class BroadcasterError(Exception):

@@ -1,15 +1,14 @@
 """Running the app under uvicorn: its configuration, the listening socket, the drain on the
 first signal, and ``--workers`` (see :mod:`broadcaster.workers`).
 
-The protocol classes uvicorn serves with are broadcaster's own, from
-:mod:`broadcaster.http_protocol` and :mod:`broadcaster.uvicorn_protocols`.
+uvicorn serves with broadcaster's own protocol classes: :mod:`broadcaster.ws_protocol` for
+WebSockets and :mod:`broadcaster.http_protocol` for HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import os
 import resource
 import signal
@@ -22,7 +21,7 @@ import uvicorn
 from broadcaster.http_gate import HTTPGate, HTTPLimits
 from broadcaster.http_protocol import HTTPProtocol
 from broadcaster.log import get_logger
-from broadcaster.uvicorn_protocols import WSProtocol
+from broadcaster.ws_protocol import Limits, WebSocketProtocol
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -37,26 +36,8 @@ logger = get_logger("broadcaster.server")
 MAX_OPEN_FILES = 1 << 20
 
 
-class HideQueryStrings(logging.Filter):
-    """Cut the query string off the paths uvicorn logs for each handshake.
-
-    A browser's token travels in the ``token`` query parameter, and tokens must never reach a
-    log. :func:`uvicorn_config` installs it on uvicorn's logger.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and '"WebSocket %s"' in str(record.msg):
-            record.args = tuple(
-                arg.partition("?")[0] if isinstance(arg, str) else arg for arg in record.args
-            )
-        return True
-
-
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     """Build the uvicorn configuration that serves ``app`` as ``settings`` say."""
-    uvicorn_logger = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, HideQueryStrings) for f in uvicorn_logger.filters):
-        uvicorn_logger.addFilter(HideQueryStrings())
     # One gate per server: its HTTP connections are counted together, and refused ones are
     # counted with the app's other refusals.
     live = getattr(getattr(app, "state", None), "broadcaster", None)
@@ -68,12 +49,7 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         http=type("HTTPProtocol", (HTTPProtocol,), {"gate": gate}),
-        ws=type("WSProtocol", (WSProtocol,), {"linger": settings.close_timeout}),
-        ws_max_size=settings.max_message_bytes,
-        ws_ping_interval=settings.ping_interval,
-        ws_ping_timeout=settings.ping_timeout,
-        # Compression would cost a deflate per message per socket instead of one encoding.
-        ws_per_message_deflate=False,
+        ws=WebSocketProtocol.configured(Limits.from_settings(settings)),
         timeout_graceful_shutdown=settings.shutdown_timeout,
         lifespan="on",
         log_config=None,

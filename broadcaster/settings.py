@@ -157,6 +157,12 @@ class Settings(BaseSettings):
     max_message_bytes: PositiveInt = Field(
         64 * 1024, description="Largest frame or HTTP body a client may publish."
     )
+    socket_send_buffer: Annotated[int, Field(ge=4608)] = Field(
+        64 * 1024,
+        description="Bytes the kernel may hold for each socket's unsent data (its send "
+        "buffer, bookkeeping included), instead of growing it to megabytes; a client's backlog "
+        "waits in its outbox, where the overflow policy applies.",
+    )
     hub_mailbox_size: PositiveInt = Field(
         10_000, description="Commands queued for the hub before publishers are pushed back."
     )

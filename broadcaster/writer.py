@@ -26,8 +26,12 @@ from broadcaster.errors import LagCause, SlowConsumer
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from broadcaster.errors import Closing
     from broadcaster.outbox import Outbox
 
+# The ASGI scope extension under which broadcaster's WebSocket protocol offers itself as the
+# connection's Lane.
+FASTLANE = "broadcaster.fastlane"
 # Bytes taken from one outbox for one write; bounds what a write holds outside the outbox,
 # and lets the writer go round every scheduled outbox before it comes back to a busy one.
 BATCH_BYTES = 256 * 1024
@@ -38,6 +42,10 @@ WRITES_PER_CHECKPOINT = 256
 
 class Lane(Protocol):
     """A socket's write path that never waits; the server's fastlane is one."""
+
+    #: Why the server side of the socket closed it on its own (a flood, a ping that went
+    #: unanswered, shutdown), once it has; the connection counts it.
+    closing: Closing | None
 
     def writable(self) -> bool:
         """Whether the transport takes more at once."""

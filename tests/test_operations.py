@@ -72,7 +72,12 @@ async def test_a_connection_subscribed_to_nothing_is_closed_when_idle() -> None:
 async def test_sigterm_drains_queued_messages_then_closes_with_1001() -> None:
     """On SIGTERM /readyz turns 503, handshakes are refused, outboxes flush, then 1001 and 0."""
     count = 120
-    env = {"BROADCASTER_DRAIN_TIMEOUT": "20", "BROADCASTER_QUEUE_MAX_MESSAGES": str(count)}
+    # An outbox that holds every message: the kernel holds next to nothing of a backlog.
+    env = {
+        "BROADCASTER_DRAIN_TIMEOUT": "20",
+        "BROADCASTER_QUEUE_MAX_MESSAGES": str(count),
+        "BROADCASTER_QUEUE_MAX_BYTES": str(count * 32_000),
+    }
     with serving(env) as (process, port):
         base = f"http://127.0.0.1:{port}"
         async with (

@@ -31,10 +31,12 @@ if TYPE_CHECKING:
 
 STRESS = [sys.executable, "-m", "broadcaster", "stress"]
 # Small outboxes that still fit a 64 KiB message, so stalled clients are cut off quickly.
+# Room for about half a second of a scenario's 64 KiB messages at 50 a second: enough for a
+# fast client's pauses, far less than a stalled client falls behind.
 SMALL_QUEUES = {
     "BROADCASTER_OVERFLOW": "disconnect",
-    "BROADCASTER_QUEUE_MAX_MESSAGES": "8",
-    "BROADCASTER_QUEUE_MAX_BYTES": str(512 * 1024),
+    "BROADCASTER_QUEUE_MAX_MESSAGES": "32",
+    "BROADCASTER_QUEUE_MAX_BYTES": str(2 * 1024 * 1024),
     "BROADCASTER_MAX_MESSAGE_BYTES": str(128 * 1024),
 }
 

@@ -11,7 +11,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from broadcaster.app import Broadcaster
-from broadcaster.errors import LagCause, SlowConsumer
+from broadcaster.errors import Closing, LagCause, SlowConsumer
 from broadcaster.outbox import Outbox
 from broadcaster.policy import Overflow
 from broadcaster.protocol import Frame
@@ -42,6 +42,7 @@ class FakeLane:
         self.broken = False
         self.parked: tuple[Callable[[], None], float, Callable[[], None]] | None = None
         self.closed_with: tuple[int, str] | None = None
+        self.closing: Closing | None = None
         self._log = log
 
     def writable(self) -> bool:
