@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 import anyio
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 from starlette.websockets import WebSocketDisconnect
 
 from broadcaster.auth import Authenticator, Grant, origin_allowed
 from broadcaster.backplane import NODE_ID_BYTES, open_backplane
 from broadcaster.backplane.bridge import Bridge
 from broadcaster.connection import Connection
-from broadcaster.errors import HubBusy, HubStopped, ProtocolError, Refused
+from broadcaster.errors import SERVER_REFUSAL, HubBusy, HubStopped, ProtocolError, Refused
 from broadcaster.hub import Hub
 from broadcaster.log import get_logger
 from broadcaster.mailbox import Source, Subscriber
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 
 # Seconds a refused client is told to wait before it tries again.
 RETRY = {"Retry-After": "1"}
+# A publisher that left before its body arrived; 499 as nginx logs it, never sent.
+CLIENT_GONE = Refused(499, "client_disconnected", "the client left before its body arrived")
 
 
 class _StarletteSocket:
@@ -223,7 +226,7 @@ class Broadcaster:
             grant = self._admit(websocket, topic)
             last = self._raw_last(websocket, topic)
         except Refused as refused:
-            self._count_refusal(refused, peer)
+            self.count_refusal(refused, peer)
             body = {"error": refused.error, "detail": refused.detail}
             response = JSONResponse(body, refused.status, headers=refused.headers)
             await websocket.send_denial_response(response)
@@ -311,9 +314,13 @@ class Broadcaster:
         body = history_body(topic, position, None if since is None else recovered, frames)
         return Response(body, media_type="application/json")
 
-    def _count_refusal(self, refused: Refused, peer: str | None) -> None:
-        # Debug level: a flood of refusals must not become a flood of log lines; the
-        # broadcaster_refused metric counts them all.
+    def count_refusal(self, refused: Refused, peer: str | None) -> None:
+        """Count a refused request or connection, and log it at debug level.
+
+        Debug level: a flood of refusals must not become a flood of log lines; the
+        ``broadcaster_refused`` metric counts them all. The server's HTTP protocol counts its
+        own refusals (431, 408, too many connections) here too.
+        """
         self.metrics.totals.refused[refused.error] += 1
         self._log.debug("request_refused", peer=peer, status=refused.status, error=refused.error)
 
@@ -331,7 +338,7 @@ class Broadcaster:
             await self._serve(websocket, websocket.path_params["topic"])
 
         @router.post("/publish/{topic}")
-        async def publish(topic: str, request: Request) -> JSONResponse:
+        async def publish(topic: str, request: Request) -> Response:
             peer = f"{request.client.host}:{request.client.port}" if request.client else None
             try:
                 # Before the body is read: an unauthenticated client gets nothing read for it.
@@ -341,8 +348,14 @@ class Broadcaster:
             except ProtocolError as error:
                 raise HTTPException(400, error.detail) from None
             except Refused as refused:
-                self._count_refusal(refused, peer)
+                self.count_refusal(refused, peer)
                 raise HTTPException(refused.status, refused.detail, refused.headers) from None
+            except ClientDisconnect:
+                # Not an error: the client left mid-body, or the server cut the body off
+                # and counted that itself. Nobody is left to read an answer.
+                if not request.scope.get("extensions", {}).get(SERVER_REFUSAL):
+                    self.count_refusal(CLIENT_GONE, peer)
+                return Response(status_code=CLIENT_GONE.status)
             try:
                 payload = self._http_payload(request, body)
                 pending = self.hub.publish_nowait(topic, payload, Source.HTTP)
@@ -373,7 +386,7 @@ class Broadcaster:
             except ProtocolError as error:
                 raise HTTPException(400, {"error": error.error, "detail": error.detail}) from None
             except Refused as refused:
-                self._count_refusal(refused, peer)
+                self.count_refusal(refused, peer)
                 raise HTTPException(refused.status, refused.detail, refused.headers) from None
             return self._history(topic, request)
 

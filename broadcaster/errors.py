@@ -19,6 +19,10 @@ from __future__ import annotations
 
 from enum import IntEnum, StrEnum
 
+# The ASGI scope extension in which broadcaster's HTTP protocol records that it refused a
+# request itself (a body too slow, say) and counted it: ``{"error": CODE}`` once it has.
+SERVER_REFUSAL = "broadcaster.server_refusal"
+
 
 class CloseCode(IntEnum):
     """WebSocket close codes the server sends (RFC 6455, section 7.4.1)."""

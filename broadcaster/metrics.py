@@ -104,7 +104,7 @@ class _Collector(Collector):
         yield _labelled(
             CounterMetricFamily(
                 "broadcaster_refused",
-                "WebSocket handshakes and HTTP publishes refused, by error code.",
+                "WebSocket handshakes, HTTP requests and HTTP connections refused, by error code.",
                 labels=["reason"],
             ),
             totals.refused,

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from broadcaster.http_gate import HTTPGate, HTTPLimits
 from broadcaster.http_protocol import HTTPProtocol
 from broadcaster.log import get_logger
 from broadcaster.ws_protocol import Limits, WebSocketProtocol
@@ -37,11 +38,17 @@ MAX_OPEN_FILES = 1 << 20
 
 def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     """Build the uvicorn configuration that serves ``app`` as ``settings`` say."""
+    # One gate per server: its HTTP connections are counted together, and refused ones are
+    # counted with the app's other refusals.
+    live = getattr(getattr(app, "state", None), "broadcaster", None)
+    gate = HTTPGate(
+        HTTPLimits.from_settings(settings), live.count_refusal if live is not None else None
+    )
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        http=type("HTTPProtocol", (HTTPProtocol,), {"head_timeout": settings.handshake_timeout}),
+        http=type("HTTPProtocol", (HTTPProtocol,), {"gate": gate}),
         ws=WebSocketProtocol.configured(Limits.from_settings(settings)),
         timeout_graceful_shutdown=settings.shutdown_timeout,
         lifespan="on",

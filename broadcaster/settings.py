@@ -236,6 +236,35 @@ class Settings(BaseSettings):
         description="Seconds a new TCP connection has to send a whole HTTP request head (a "
         "WebSocket handshake or a publish) before it is dropped.",
     )
+    max_header_bytes: Annotated[int, Field(ge=1024)] = Field(
+        16 * 1024,
+        description="Bytes an HTTP request head (request line and headers) may take; past it "
+        "431, counted as the bytes arrive.",
+    )
+    max_headers: PositiveInt = Field(
+        100, description="Headers an HTTP request may carry; past it 431."
+    )
+    body_timeout: PositiveFloat = Field(
+        30.0,
+        description="Seconds an HTTP request body may take to arrive whole, from the end of "
+        "its head; past it 408.",
+    )
+    body_min_rate: Annotated[int, Field(ge=0)] = Field(
+        1024,
+        description="Bytes a second an HTTP request body must average once it has had 2 "
+        "seconds; below it 408. 0 turns the check off.",
+    )
+    max_http_connections: PositiveInt = Field(
+        # A burst as large as the listen backlog may be in its HTTP phase at once.
+        2048,
+        description="Open HTTP connections (not yet upgraded to WebSockets) per server "
+        "process; past it new connections get 503.",
+    )
+    max_http_connections_per_address: PositiveInt = Field(
+        256,
+        description="Open HTTP connections from one client address per server process; past "
+        "it new connections get 429.",
+    )
     handshake_addresses: PositiveInt = Field(
         10_000,
         description="Client addresses whose handshake rate is tracked; the least recently "

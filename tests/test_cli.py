@@ -40,6 +40,8 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         ("BROADCASTER_BACKPLANE", "kafka://127.0.0.1:9092", "use memory, redis://"),
         ("BROADCASTER_BACKPLANE", "redis://", "use memory, redis://"),
         ("BROADCASTER_BACKPLANE_PREFIX", "a b", "should match pattern"),
+        ("BROADCASTER_MAX_HEADER_BYTES", "512", "greater than or equal to 1024"),
+        ("BROADCASTER_BODY_TIMEOUT", "never", "valid number"),
     ],
 )
 def test_bad_setting_exits_2_naming_the_variable(variable: str, value: str, expected: str) -> None:

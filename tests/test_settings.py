@@ -59,6 +59,12 @@ def test_defaults() -> None:
     assert settings.max_bytes_per_second == 16 * 1024 * 1024
     assert settings.max_handshakes_per_second == 10_000.0
     assert settings.handshake_addresses == 10_000
+    assert settings.max_header_bytes == 16 * 1024
+    assert settings.max_headers == 100
+    assert settings.body_timeout == 30.0
+    assert settings.body_min_rate == 1024
+    assert settings.max_http_connections == 2048
+    assert settings.max_http_connections_per_address == 256
     assert settings.publish_open
     assert settings.subscribe_open
 
@@ -117,6 +123,13 @@ def test_variables_without_the_prefix_are_ignored(monkeypatch: pytest.MonkeyPatc
         ("BROADCASTER_MAX_HANDSHAKES_PER_SECOND", "lots", "valid number"),
         ("BROADCASTER_HANDSHAKE_ADDRESSES", "0", "greater than 0"),
         ("BROADCASTER_CLIENT_PUBLISH", "maybe", "valid boolean"),
+        ("BROADCASTER_MAX_HEADER_BYTES", "100", "greater than or equal to 1024"),
+        ("BROADCASTER_MAX_HEADERS", "0", "greater than 0"),
+        ("BROADCASTER_BODY_TIMEOUT", "0", "greater than 0"),
+        ("BROADCASTER_BODY_MIN_RATE", "-1", "greater than or equal to 0"),
+        ("BROADCASTER_BODY_MIN_RATE", "fast", "valid integer"),
+        ("BROADCASTER_MAX_HTTP_CONNECTIONS", "0", "greater than 0"),
+        ("BROADCASTER_MAX_HTTP_CONNECTIONS_PER_ADDRESS", "many", "valid integer"),
     ],
 )
 def test_bad_values_are_described_by_variable_value_and_what_is_allowed(
