@@ -1,0 +1,120 @@
+"""The hub's topics when the broker numbers their messages (history shared through Redis).
+
+Called only from the hub's task, like :mod:`broadcaster.hub` itself; nothing here awaits.
+
+A subscribe is *pending* until the broker answers with the stream's position at a read made
+after the topic's broker subscription was in place (a :class:`RecoveredCommand`). Meanwhile the
+live messages for the topic are buffered for it. The answer's entries are sent first, then the
+buffered messages past the answer's seq; live messages up to that seq that arrive later (the
+read may run ahead of the live messages in the hub's mailbox) are skipped for that outbox. So a
+resume has no gap and no duplicate, whichever node it happens on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from broadcaster.errors import ProtocolError
+from broadcaster.protocol import Frame, Mode, control_frame, error_frame
+from broadcaster.stream import Outcome
+
+if TYPE_CHECKING:
+    from broadcaster.mailbox import RecoveredCommand, Subscriber
+    from broadcaster.outbox import Outbox
+    from broadcaster.protocol import Payload, Position
+
+# Live messages buffered for one pending subscribe; past it the subscribe is not recovered.
+PENDING_MAX = 10_000
+
+
+@dataclass(slots=True)
+class Topic:
+    """One topic's local subscribers, and with shared history the live position and the
+    subscribes waiting for the broker."""
+
+    raw: set[Outbox] = field(default_factory=set)
+    mux: set[Outbox] = field(default_factory=set)
+    epoch: str | None = None
+    seq: int = 0
+    # Live messages buffered per pending subscribe; None once the buffer overflowed.
+    pending: dict[Subscriber, list[tuple[Position, Payload]] | None] = field(default_factory=dict)
+    # Outboxes that have the messages up to this seq already (from a replay).
+    skips: dict[Outbox, int] = field(default_factory=dict)
+
+    def members(self, mode: Mode) -> set[Outbox]:
+        return self.raw if mode is Mode.RAW else self.mux
+
+    def empty(self) -> bool:
+        return not self.raw and not self.mux and not self.pending
+
+
+def fan_out(name: str, topic: Topic, payload: Payload, position: Position) -> None:
+    """Offer a message, at the broker's position, to every subscriber of ``topic``."""
+    epoch, seq = position.epoch, position.seq
+    if topic.epoch is not None and epoch != topic.epoch:
+        # The broker lost the topic's stream: tell multiplexed subscribers before its first
+        # message in the new epoch, as a fresh subscribe would.
+        notice = control_frame("subscribed", topic=name, epoch=epoch, seq=seq - 1, recovered=False)
+        for outbox in topic.mux:
+            outbox.send_nowait(notice)
+        topic.skips.clear()
+    topic.epoch, topic.seq = epoch, seq
+    for subscriber, buffer in topic.pending.items():
+        if buffer is not None:
+            if len(buffer) < PENDING_MAX:
+                buffer.append((position, payload))
+            else:
+                topic.pending[subscriber] = None
+    skips = topic.skips
+    if topic.raw:
+        raw = Frame.of(payload.raw)
+        for outbox in topic.raw:
+            if not skips or skips.get(outbox, 0) < seq:
+                outbox.send_nowait(raw)
+    if topic.mux:
+        mux = payload.envelope(name, seq)
+        for outbox in topic.mux:
+            if not skips or skips.get(outbox, 0) < seq:
+                outbox.send_nowait(mux)
+    if skips:
+        for outbox in [outbox for outbox, until in skips.items() if until <= seq]:
+            del skips[outbox]
+
+
+def finish(topic: Topic, subscriber: Subscriber, command: RecoveredCommand) -> bool:
+    """Answer a pending subscribe with the broker's reply: the ``subscribed`` frame, the
+    replay, the buffered live messages past it; then the subscriber joins the live fan-out.
+
+    Returns whether the subscriber is now subscribed (not when the broker could not answer).
+    """
+    buffered = topic.pending.pop(subscriber, None)
+    outbox, mode, name = subscriber.outbox, subscriber.mode, command.topic
+    if command.error is not None:
+        if mode is Mode.MUX:
+            outbox.send_nowait(error_frame(ProtocolError("backplane_down", command.error)))
+        return False
+    outcome, entries = command.outcome, command.entries
+    if buffered is None and outcome is not None:
+        # Live messages overflowed while the broker answered: some of them are lost.
+        outcome, entries = None, ()
+    if mode is Mode.MUX:
+        fields: dict[str, str | int | bool] = {"topic": name, "epoch": command.epoch}
+        fields["seq"] = command.seq
+        if command.outcome is not None:
+            fields["recovered"] = outcome is Outcome.RECOVERED
+        outbox.send_nowait(control_frame("subscribed", **fields))
+    for seq, payload in entries:
+        _send(outbox, mode, name, seq, payload)
+    for position, payload in buffered or ():
+        if position.epoch != command.epoch or position.seq > command.seq:
+            _send(outbox, mode, name, position.seq, payload)
+    topic.members(mode).add(outbox)
+    if topic.epoch in (None, command.epoch) and topic.seq < command.seq:
+        topic.skips[outbox] = command.seq
+    return True
+
+
+def _send(outbox: Outbox, mode: Mode, name: str, seq: int, payload: Payload) -> None:
+    # Through the outbox like any message: what does not fit meets the overflow policy.
+    outbox.send_nowait(Frame.of(payload.raw) if mode is Mode.RAW else payload.envelope(name, seq))
