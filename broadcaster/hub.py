@@ -396,6 +396,7 @@ class Hub:
         # Subscribing again starts over: the client gets a fresh starting point.
         topic.members(subscriber.mode).discard(subscriber.outbox)
         topic.skips.pop(subscriber.outbox, None)
+        topic.known.pop(subscriber.outbox, None)
         topic.pending[subscriber] = []
         subscriber.topics.add(name)
         if not sequencer.recover(subscriber, name, command.since, command.last):
@@ -473,9 +474,10 @@ class Hub:
         if topic is None:
             return
         topic.members(subscriber.mode).discard(subscriber.outbox)
-        if topic.pending or topic.skips:
+        if topic.pending or topic.skips or topic.known:
             topic.pending.pop(subscriber, None)
             topic.skips.pop(subscriber.outbox, None)
+            topic.known.pop(subscriber.outbox, None)
         if topic.empty():
             del self._topics[name]
             if self._sequencer is None:

@@ -41,6 +41,8 @@ class Topic:
     pending: dict[Subscriber, list[tuple[Position, Payload]] | None] = field(default_factory=dict)
     # Outboxes that have the messages up to this seq already (from a replay).
     skips: dict[Outbox, int] = field(default_factory=dict)
+    # Multiplexed outboxes told another epoch than ``epoch`` (their read saw another one).
+    known: dict[Outbox, str] = field(default_factory=dict)
 
     def members(self, mode: Mode) -> set[Outbox]:
         return self.raw if mode is Mode.RAW else self.mux
@@ -52,13 +54,16 @@ class Topic:
 def fan_out(name: str, topic: Topic, payload: Payload, position: Position) -> None:
     """Offer a message, at the broker's position, to every subscriber of ``topic``."""
     epoch, seq = position.epoch, position.seq
-    if topic.epoch is not None and epoch != topic.epoch:
-        # The broker lost the topic's stream: tell multiplexed subscribers before its first
-        # message in the new epoch, as a fresh subscribe would.
+    if epoch != topic.epoch or topic.known:
+        # The broker lost the topic's stream: tell multiplexed subscribers that know another
+        # epoch, before its first message in this one, as a fresh subscribe would.
         notice = control_frame("subscribed", topic=name, epoch=epoch, seq=seq - 1, recovered=False)
         for outbox in topic.mux:
-            outbox.send_nowait(notice)
-        topic.skips.clear()
+            if topic.known.get(outbox, topic.epoch) != epoch:
+                outbox.send_nowait(notice)
+        topic.known.clear()
+        if epoch != topic.epoch:
+            topic.skips.clear()
     topic.epoch, topic.seq = epoch, seq
     for subscriber, buffer in topic.pending.items():
         if buffer is not None:
@@ -110,8 +115,13 @@ def finish(topic: Topic, subscriber: Subscriber, command: RecoveredCommand) -> b
         if position.epoch != command.epoch or position.seq > command.seq:
             _send(outbox, mode, name, position.seq, payload)
     topic.members(mode).add(outbox)
-    if topic.epoch in (None, command.epoch) and topic.seq < command.seq:
-        topic.skips[outbox] = command.seq
+    if topic.epoch is None:
+        topic.epoch = command.epoch
+    if topic.epoch == command.epoch:
+        if topic.seq < command.seq:
+            topic.skips[outbox] = command.seq
+    elif mode is Mode.MUX:
+        topic.known[outbox] = command.epoch
     return True
 
 
