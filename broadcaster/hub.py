@@ -36,6 +36,7 @@ from broadcaster.mailbox import (
     WAKE,
     Command,
     PendingReceipt,
+    PendingSubscribe,
     PingCommand,
     PublishCommand,
     Receipt,
@@ -397,17 +398,18 @@ class Hub:
         topic.members(subscriber.mode).discard(subscriber.outbox)
         topic.skips.pop(subscriber.outbox, None)
         topic.known.pop(subscriber.outbox, None)
-        topic.pending[subscriber] = []
+        request = PendingSubscribe(subscriber, name, command.since, command.last)
+        topic.pending[subscriber] = request
         subscriber.topics.add(name)
-        if not sequencer.recover(subscriber, name, command.since, command.last):
+        if not sequencer.recover(request):
             detail = "the broker is not keeping up; subscribe again shortly"
             subscriber.outbox.send_nowait(error_frame(ProtocolError("backplane_busy", detail)))
             self._remove(subscriber, name)
 
     def _recovered(self, subscriber: Subscriber, command: RecoveredCommand) -> None:
         topic = self._topics.get(command.topic)
-        if topic is None or subscriber not in topic.pending:
-            return  # it unsubscribed or left meanwhile
+        if topic is None or topic.pending.get(subscriber) is not command.request:
+            return  # it unsubscribed or left meanwhile, or subscribed again since
         if command.outcome is not None:
             self._recoveries[command.outcome] += 1
         if not finish(topic, subscriber, command):

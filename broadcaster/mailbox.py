@@ -120,6 +120,18 @@ class PublishCommand:
     position: Position | None = None
 
 
+@dataclass(eq=False, slots=True)
+class PendingSubscribe:
+    """A subscribe waiting for the broker's starting point (history shared through a broker),
+    and the live messages buffered for it meanwhile (``None`` once the buffer overflowed)."""
+
+    subscriber: Subscriber
+    topic: str
+    since: Position | None
+    last: int | None
+    buffer: list[tuple[Position, Payload]] | None = field(default_factory=list)
+
+
 @dataclass(frozen=True, slots=True)
 class RecoveredCommand:
     """The broker's answer to a subscribe in shared history: the stream's position then, and
@@ -130,6 +142,7 @@ class RecoveredCommand:
     """
 
     subscriber: Subscriber
+    request: PendingSubscribe
     topic: str
     epoch: str
     seq: int

@@ -20,7 +20,7 @@ from broadcaster.protocol import Frame, Mode, control_frame, error_frame
 from broadcaster.stream import Outcome
 
 if TYPE_CHECKING:
-    from broadcaster.mailbox import RecoveredCommand, Subscriber
+    from broadcaster.mailbox import PendingSubscribe, RecoveredCommand, Subscriber
     from broadcaster.outbox import Outbox
     from broadcaster.protocol import Payload, Position
 
@@ -37,8 +37,8 @@ class Topic:
     mux: set[Outbox] = field(default_factory=set)
     epoch: str | None = None
     seq: int = 0
-    # Live messages buffered per pending subscribe; None once the buffer overflowed.
-    pending: dict[Subscriber, list[tuple[Position, Payload]] | None] = field(default_factory=dict)
+    # Subscribes waiting for the broker, with the live messages buffered for them.
+    pending: dict[Subscriber, PendingSubscribe] = field(default_factory=dict)
     # Outboxes that have the messages up to this seq already (from a replay).
     skips: dict[Outbox, int] = field(default_factory=dict)
     # Multiplexed outboxes told another epoch than ``epoch`` (their read saw another one).
@@ -65,12 +65,13 @@ def fan_out(name: str, topic: Topic, payload: Payload, position: Position) -> No
         if epoch != topic.epoch:
             topic.skips.clear()
     topic.epoch, topic.seq = epoch, seq
-    for subscriber, buffer in topic.pending.items():
+    for request in topic.pending.values():
+        buffer = request.buffer
         if buffer is not None:
             if len(buffer) < PENDING_MAX:
                 buffer.append((position, payload))
             else:
-                topic.pending[subscriber] = None
+                request.buffer = None
     skips = topic.skips
     if topic.raw:
         raw = Frame.of(payload.raw)
@@ -93,7 +94,7 @@ def finish(topic: Topic, subscriber: Subscriber, command: RecoveredCommand) -> b
 
     Returns whether the subscriber is now subscribed (not when the broker could not answer).
     """
-    buffered = topic.pending.pop(subscriber, None)
+    buffered = topic.pending.pop(subscriber).buffer
     outbox, mode, name = subscriber.outbox, subscriber.mode, command.topic
     if command.error is not None:
         if mode is Mode.MUX:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
     from contextlib import AbstractAsyncContextManager
 
-    from broadcaster.mailbox import PendingReceipt, Subscriber
+    from broadcaster.mailbox import PendingReceipt, PendingSubscribe
     from broadcaster.settings import Settings
 
 __all__ = [
@@ -77,11 +77,9 @@ class Sequencer(Protocol):
         or failed with ``BackplaneDown``.
         """
 
-    def recover(
-        self, subscriber: Subscriber, topic: str, since: Position | None, last: int | None
-    ) -> bool:
+    def recover(self, request: PendingSubscribe) -> bool:
         """Ask for a subscribe's starting point, answered by a ``RecoveredCommand`` once the
-        broker subscription for ``topic`` is in place; ``False`` when it cannot be taken."""
+        broker subscription for its topic is in place; ``False`` when it cannot be taken."""
 
 
 class Link(Protocol):

@@ -37,7 +37,7 @@ from broadcaster.backplane import decode, decode_positioned, encode
 from broadcaster.backplane.episodes import BridgeStatistics, Episode, describe
 from broadcaster.backplane.shared import judge, judge_page, read_start
 from broadcaster.errors import BackplaneDown, HubStopped
-from broadcaster.mailbox import PendingReceipt, Receipt, RecoveredCommand, Subscriber
+from broadcaster.mailbox import PendingReceipt, PendingSubscribe, Receipt, RecoveredCommand
 from broadcaster.protocol import Payload, Position
 
 if TYPE_CHECKING:
@@ -54,8 +54,8 @@ if TYPE_CHECKING:
 Outgoing = tuple[str, Payload, PendingReceipt | None, int]
 # A broker message on its way to the hub, with the broker's position when it gave one.
 Incoming = tuple[str, Payload, Position | None]
-# A subscribe waiting for its starting point.
-Want = tuple[Subscriber, str, Position | None, int | None]
+# Reads of one subscribe that failed in a row before it is answered with an error.
+READ_TRIES = 3
 
 # Messages the sender takes from the outbound buffer for one pipelined write.
 BATCH = 256
@@ -100,10 +100,11 @@ class Bridge:
         self._outbound: MemoryObjectReceiveStream[Outgoing]
         self._inbound_in: MemoryObjectSendStream[Incoming]
         self._inbound: MemoryObjectReceiveStream[Incoming]
-        self._wants_in: MemoryObjectSendStream[Want]
-        self._wants: MemoryObjectReceiveStream[Want]
-        # A want taken by a recoverer whose link was lost: the next link serves it first.
-        self._want: Want | None = None
+        self._wants_in: MemoryObjectSendStream[PendingSubscribe]
+        self._wants: MemoryObjectReceiveStream[PendingSubscribe]
+        # A subscribe taken by a recoverer whose link was lost: the next link serves it first.
+        self._want: PendingSubscribe | None = None
+        self._tries = 0
         self._link: Any = None
         self._answer: Callable[[RecoveredCommand], Awaitable[None]] | None = None
         self._wanted: set[str] = set()
@@ -156,12 +157,10 @@ class Bridge:
         self._outbound_dropped.end()
         return True
 
-    def recover(
-        self, subscriber: Subscriber, topic: str, since: Position | None, last: int | None
-    ) -> bool:
+    def recover(self, request: PendingSubscribe) -> bool:
         """Queue a subscribe's read of the topic's stream (called by the hub; never blocks)."""
         try:
-            self._wants_in.send_nowait((subscriber, topic, since, last))
+            self._wants_in.send_nowait(request)
         except anyio.WouldBlock:
             return False
         return True
@@ -223,7 +222,9 @@ class Bridge:
             self._buffer
         )
         self._inbound_in, self._inbound = anyio.create_memory_object_stream[Incoming](self._buffer)
-        self._wants_in, self._wants = anyio.create_memory_object_stream[Want](self._buffer)
+        self._wants_in, self._wants = anyio.create_memory_object_stream[PendingSubscribe](
+            self._buffer
+        )
         self._answer = answer
         try:
             with self._outbound_in, self._outbound, self._inbound_in, self._inbound:
@@ -382,29 +383,46 @@ class Bridge:
                         receipt._set(Receipt(topic, at.epoch, at.seq, count))
 
     async def _recover(self, link: Any) -> None:
-        """Serve subscribes' reads, each once its topic's broker subscription is in place."""
+        """Serve subscribes' reads, each once its topic's broker subscription is in place.
+
+        A read that fails loses the link; the next link tries it again, and after
+        ``READ_TRIES`` failures in a row the subscribe is answered with the error.
+        """
         while True:
             want = self._want
             if want is None:
                 want = self._want = await self._wants.receive()
-            subscriber, topic, since, last = want
+                self._tries = 0
+            topic = want.topic
             while topic not in self._subscribed and topic in self._wanted:
                 await self._reconciled.wait()
             if topic in self._subscribed:
-                start = read_start(since, last, self._recovery_max)
-                count = 0 if since is None and last is None else self._recovery_max
-                with anyio.fail_after(self._timeout):
-                    read = await link.read(topic, start, count)
-                outcome, entries = judge(since, last, read, self._recovery_max)
-                command = RecoveredCommand(
-                    subscriber, topic, read.epoch, read.seq, outcome, _payloads(entries)
-                )
+                self._tries += 1
+                try:
+                    command = await self._read(link, want)
+                except (BackplaneDown, TimeoutError) as error:
+                    if self._tries < READ_TRIES:
+                        raise
+                    command = RecoveredCommand(
+                        want.subscriber, want, topic, "", 0, None, (), str(error) or "timeout"
+                    )
                 if self._answer is not None:
                     try:
                         await self._answer(command)
                     except HubStopped:
                         return
             self._want = None
+
+    async def _read(self, link: Any, want: PendingSubscribe) -> RecoveredCommand:
+        since, last = want.since, want.last
+        start = read_start(since, last, self._recovery_max)
+        count = 0 if since is None and last is None else self._recovery_max
+        with anyio.fail_after(self._timeout):
+            read = await link.read(want.topic, start, count)
+        outcome, entries = judge(since, last, read, self._recovery_max)
+        return RecoveredCommand(
+            want.subscriber, want, want.topic, read.epoch, read.seq, outcome, _payloads(entries)
+        )
 
     async def _follow_wanted(self, link: Link) -> None:
         while True:

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from broadcaster.protocol import Position
 
 
+MAX_START = 10**13
+
+
 @dataclass(frozen=True, slots=True)
 class Slice:
     """A topic's stream as one atomic read saw it.
@@ -45,7 +48,9 @@ def read_start(since: Position | None, last: int | None, limit: int) -> int:
         limit: the most entries replayed (``RECOVERY_MAX``, or a page's size).
     """
     if since is not None:
-        return since.seq + 1 if since.seq >= 0 else 1
+        # Past any seq a stream reaches, and still an exact integer in Redis's Lua: a client's
+        # far-off seq is judged invalid after the read rather than breaking it.
+        return min(since.seq + 1, MAX_START)
     return -min(last or 0, limit)
 
 
