@@ -36,7 +36,6 @@ from broadcaster.mailbox import (
     WAKE,
     Command,
     PendingReceipt,
-    PendingSubscribe,
     PingCommand,
     PublishCommand,
     Receipt,
@@ -48,7 +47,7 @@ from broadcaster.mailbox import (
     Wake,
 )
 from broadcaster.protocol import Frame, Mode, Payload, Position, control_frame, error_frame
-from broadcaster.shared_topics import Topic, fan_out, finish
+from broadcaster.shared_topics import Topic, begin, fan_out, finish
 from broadcaster.stream import Entry, History, HistoryStatistics
 
 if TYPE_CHECKING:
@@ -391,19 +390,11 @@ class Hub:
         name = command.topic
         topic = self._topics.get(name)
         if topic is None:
-            topic = self._topics[name] = Topic()
+            topic = self._topics[name] = Topic(name)
             if self._relay is not None:
                 self._relay.topic_opened(name)
-        # Subscribing again starts over: the client gets a fresh starting point.
-        topic.members(subscriber.mode).discard(subscriber.outbox)
-        topic.skips.pop(subscriber.outbox, None)
-        topic.known.pop(subscriber.outbox, None)
-        request = PendingSubscribe(subscriber, name, command.since, command.last)
-        topic.pending[subscriber] = request
         subscriber.topics.add(name)
-        if not sequencer.recover(request):
-            detail = "the broker is not keeping up; subscribe again shortly"
-            subscriber.outbox.send_nowait(error_frame(ProtocolError("backplane_busy", detail)))
+        if not begin(topic, subscriber, command.since, command.last, sequencer):
             self._remove(subscriber, name)
 
     def _recovered(self, subscriber: Subscriber, command: RecoveredCommand) -> None:
@@ -431,7 +422,7 @@ class Hub:
         stream = history.pin(name, self._clock())
         topic = self._topics.get(name)
         if topic is None:
-            topic = self._topics[name] = Topic()
+            topic = self._topics[name] = Topic(name)
             if self._relay is not None:
                 self._relay.topic_opened(name)
         recovery = None
@@ -477,9 +468,7 @@ class Hub:
             return
         topic.members(subscriber.mode).discard(subscriber.outbox)
         if topic.pending or topic.skips or topic.known:
-            topic.pending.pop(subscriber, None)
-            topic.skips.pop(subscriber.outbox, None)
-            topic.known.pop(subscriber.outbox, None)
+            topic.forget(subscriber)
         if topic.empty():
             del self._topics[name]
             if self._sequencer is None:

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from broadcaster.errors import ProtocolError
+from broadcaster.mailbox import PendingSubscribe
 from broadcaster.protocol import Frame, Mode, control_frame, error_frame
 from broadcaster.stream import Outcome
 
 if TYPE_CHECKING:
-    from broadcaster.mailbox import PendingSubscribe, RecoveredCommand, Subscriber
+    from broadcaster.backplane import Sequencer
+    from broadcaster.mailbox import RecoveredCommand, Subscriber
     from broadcaster.outbox import Outbox
     from broadcaster.protocol import Payload, Position
 
@@ -33,6 +35,7 @@ class Topic:
     """One topic's local subscribers, and with shared history the live position and the
     subscribes waiting for the broker."""
 
+    name: str
     raw: set[Outbox] = field(default_factory=set)
     mux: set[Outbox] = field(default_factory=set)
     epoch: str | None = None
@@ -49,6 +52,36 @@ class Topic:
 
     def empty(self) -> bool:
         return not self.raw and not self.mux and not self.pending
+
+    def forget(self, subscriber: Subscriber) -> None:
+        """Drop what the shared history keeps about ``subscriber`` (not its membership)."""
+        self.pending.pop(subscriber, None)
+        self.skips.pop(subscriber.outbox, None)
+        self.known.pop(subscriber.outbox, None)
+
+
+def begin(
+    topic: Topic,
+    subscriber: Subscriber,
+    since: Position | None,
+    last: int | None,
+    sequencer: Sequencer,
+) -> bool:
+    """Make ``subscriber`` pending on ``topic`` and ask the broker for its starting point.
+
+    Subscribing again starts over: the client gets a fresh starting point. Returns ``False``,
+    with a ``backplane_busy`` error frame sent, when the request cannot be queued.
+    """
+    topic.members(subscriber.mode).discard(subscriber.outbox)
+    topic.forget(subscriber)
+    request = PendingSubscribe(subscriber, topic.name, since, last)
+    topic.pending[subscriber] = request
+    if sequencer.recover(request):
+        return True
+    del topic.pending[subscriber]
+    detail = "the broker is not keeping up; subscribe again shortly"
+    subscriber.outbox.send_nowait(error_frame(ProtocolError("backplane_busy", detail)))
+    return False
 
 
 def fan_out(name: str, topic: Topic, payload: Payload, position: Position) -> None:

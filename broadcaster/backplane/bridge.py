@@ -29,33 +29,32 @@ from __future__ import annotations
 
 import random
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
 from broadcaster.backplane import decode, decode_positioned, encode
 from broadcaster.backplane.episodes import BridgeStatistics, Episode, describe
-from broadcaster.backplane.shared import judge, judge_page, read_start
+from broadcaster.backplane.recoverer import Recoverer
 from broadcaster.errors import BackplaneDown, HubStopped
-from broadcaster.mailbox import PendingReceipt, PendingSubscribe, Receipt, RecoveredCommand
+from broadcaster.mailbox import PendingReceipt, Receipt
 from broadcaster.protocol import Payload, Position
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable
 
     from anyio.abc import TaskStatus
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
     from structlog.typing import FilteringBoundLogger
 
     from broadcaster.backplane import Backplane, Link
+    from broadcaster.mailbox import RecoveredCommand
     from broadcaster.settings import Settings
 
 # A local publish on its way to the broker: topic, payload, receipt, local subscribers.
 Outgoing = tuple[str, Payload, PendingReceipt | None, int]
 # A broker message on its way to the hub, with the broker's position when it gave one.
 Incoming = tuple[str, Payload, Position | None]
-# Reads of one subscribe that failed in a row before it is answered with an error.
-READ_TRIES = 3
 
 # Messages the sender takes from the outbound buffer for one pipelined write.
 BATCH = 256
@@ -87,7 +86,6 @@ class Bridge:
         sequenced: bool = False,
     ) -> None:
         self.sequenced = sequenced
-        self._recovery_max = settings.recovery_max
         self._backplane = backplane
         self._node = node
         self._timeout = settings.backplane_timeout
@@ -100,17 +98,16 @@ class Bridge:
         self._outbound: MemoryObjectReceiveStream[Outgoing]
         self._inbound_in: MemoryObjectSendStream[Incoming]
         self._inbound: MemoryObjectReceiveStream[Incoming]
-        self._wants_in: MemoryObjectSendStream[PendingSubscribe]
-        self._wants: MemoryObjectReceiveStream[PendingSubscribe]
-        # A subscribe taken by a recoverer whose link was lost: the next link serves it first.
-        self._want: PendingSubscribe | None = None
-        self._tries = 0
-        self._link: Any = None
-        self._answer: Callable[[RecoveredCommand], Awaitable[None]] | None = None
         self._wanted: set[str] = set()
         self._subscribed: set[str] = set()
         self._changed = anyio.Event()
         self._reconciled = anyio.Event()
+        self._recoverer = Recoverer(
+            self._buffer, settings.recovery_max, self._timeout, self._subscribed_to
+        )
+        # The hub's way to ask for a subscribe's starting point and GET /history's pages.
+        self.recover = self._recoverer.recover
+        self.page = self._recoverer.page
         self._up = False
         self._error: str | None = None
         self._sent = self._received = self._links = 0
@@ -157,34 +154,6 @@ class Bridge:
         self._outbound_dropped.end()
         return True
 
-    def recover(self, request: PendingSubscribe) -> bool:
-        """Queue a subscribe's read of the topic's stream (called by the hub; never blocks)."""
-        try:
-            self._wants_in.send_nowait(request)
-        except anyio.WouldBlock:
-            return False
-        return True
-
-    async def page(
-        self, topic: str, since: Position | None, limit: int
-    ) -> tuple[Position, bool | None, list[tuple[int, Payload]]]:
-        """Read ``GET /history``'s page from the broker: the topic's position, whether the
-        entries follow ``since`` with none missing, and up to ``limit`` entries.
-
-        Raises:
-            BackplaneDown: the broker is not linked, or did not answer.
-        """
-        link = self._link
-        if link is None or not self._up:
-            raise BackplaneDown("the broker is down")
-        try:
-            with anyio.fail_after(self._timeout):
-                read = await link.read(topic, read_start(since, limit, limit), limit)
-        except TimeoutError:
-            raise BackplaneDown("the broker did not answer") from None
-        recovered, entries = judge_page(since, read)
-        return Position(read.epoch, read.seq), recovered, _payloads(entries)
-
     def statistics(self) -> BridgeStatistics:
         """Return the link's state and what has been relayed, dropped and lost."""
         return BridgeStatistics(
@@ -222,13 +191,10 @@ class Bridge:
             self._buffer
         )
         self._inbound_in, self._inbound = anyio.create_memory_object_stream[Incoming](self._buffer)
-        self._wants_in, self._wants = anyio.create_memory_object_stream[PendingSubscribe](
-            self._buffer
-        )
-        self._answer = answer
+        self._recoverer.answer = answer
         try:
             with self._outbound_in, self._outbound, self._inbound_in, self._inbound:
-                with self._wants_in, self._wants:
+                with self._recoverer:
                     await self._relay(deliver, place, task_status)
         finally:
             # The buffers are closed: the hub's publishes count as unrelayed from now on.
@@ -271,7 +237,7 @@ class Bridge:
             self._log.error("backplane_error", exc_info=group)
             reason = describe(group)
         finally:
-            self._link = None
+            self._recoverer.link = None
         return reason
 
     async def _serve(self, link: Link) -> None:
@@ -283,11 +249,11 @@ class Bridge:
             self._up = True
             self._log.info("backplane_up", links=self._links, topics=len(self._subscribed))
             self._unrelayed.end()
-            self._link = link
             tg.start_soon(self._follow_wanted, link)
             tg.start_soon(self._ping, link)
             if self.sequenced:
-                tg.start_soon(self._recover, link)
+                self._recoverer.link = link
+                tg.start_soon(self._recoverer.serve, link)
             await self._send(link)
 
     def _down(self, error: str) -> None:
@@ -382,47 +348,12 @@ class Bridge:
                     if receipt is not None:
                         receipt._set(Receipt(topic, at.epoch, at.seq, count))
 
-    async def _recover(self, link: Any) -> None:
-        """Serve subscribes' reads, each once its topic's broker subscription is in place.
-
-        A read that fails loses the link; the next link tries it again, and after
-        ``READ_TRIES`` failures in a row the subscribe is answered with the error.
-        """
-        while True:
-            want = self._want
-            if want is None:
-                want = self._want = await self._wants.receive()
-                self._tries = 0
-            topic = want.topic
-            while topic not in self._subscribed and topic in self._wanted:
-                await self._reconciled.wait()
-            if topic in self._subscribed:
-                self._tries += 1
-                try:
-                    command = await self._read(link, want)
-                except (BackplaneDown, TimeoutError) as error:
-                    if self._tries < READ_TRIES:
-                        raise
-                    command = RecoveredCommand(
-                        want.subscriber, want, topic, "", 0, None, (), str(error) or "timeout"
-                    )
-                if self._answer is not None:
-                    try:
-                        await self._answer(command)
-                    except HubStopped:
-                        return
-            self._want = None
-
-    async def _read(self, link: Any, want: PendingSubscribe) -> RecoveredCommand:
-        since, last = want.since, want.last
-        start = read_start(since, last, self._recovery_max)
-        count = 0 if since is None and last is None else self._recovery_max
-        with anyio.fail_after(self._timeout):
-            read = await link.read(want.topic, start, count)
-        outcome, entries = judge(since, last, read, self._recovery_max)
-        return RecoveredCommand(
-            want.subscriber, want, want.topic, read.epoch, read.seq, outcome, _payloads(entries)
-        )
+    async def _subscribed_to(self, topic: str) -> bool:
+        """Wait until the broker subscription for ``topic`` is in place; ``False`` if the
+        topic is no longer wanted."""
+        while topic not in self._subscribed and topic in self._wanted:
+            await self._reconciled.wait()
+        return topic in self._subscribed
 
     async def _follow_wanted(self, link: Link) -> None:
         while True:
@@ -457,14 +388,3 @@ class Bridge:
 def _fail(receipt: PendingReceipt | None, reason: str) -> None:
     if receipt is not None:
         receipt._fail(BackplaneDown(reason))
-
-
-def _payloads(entries: Sequence[tuple[int, bytes]]) -> list[tuple[int, Payload]]:
-    """Decode the messages of a stream's entries; one that does not decode is left out."""
-    decoded = []
-    for seq, message in entries:
-        try:
-            decoded.append((seq, decode(message)[1]))
-        except ValueError:
-            continue
-    return decoded
