@@ -105,37 +105,41 @@ async def test_publishes_on_both_nodes_carry_one_sequence_seen_alike_everywhere(
 
 
 async def test_a_client_resumes_on_the_other_node_while_publishes_race() -> None:
-    """A client cut off on node A resumes with since on node B while both nodes publish: it
-    gets recovered: true and every message it missed exactly once, in order, then live ones."""
+    """A client cut off on node A resumes with since on node B, which has no subscriber of the
+    topic yet, while both nodes publish: it gets recovered: true and every message it missed
+    exactly once, in order, then the live ones."""
     async with (
         two_nodes("redis") as (_, (a, _on_a), (b, _on_b)),
         httpx.AsyncClient(trust_env=False) as http,
     ):
-        published = anyio.Event()
-        halfway = anyio.Event()
+        halfway, answered, published = anyio.Event(), anyio.Event(), anyio.Event()
 
         async def publish() -> None:
             for n in range(COUNT):
-                base = a.http_url if n % 2 else b.http_url
-                answer = await http.post(f"{base}/publish/feed", json={"n": n})
-                assert answer.status_code == 200, answer.text
                 if n == COUNT // 2:
                     halfway.set()
+                if n == COUNT * 3 // 4:
+                    # The resume raced with a quarter of the publishes; the rest follow it.
+                    await answered.wait()
+                base = a.http_url if n % 2 else b.http_url
+                answer = await http.post(f"{base}/publish/race", json={"n": n})
+                assert answer.status_code == 200, answer.text
             published.set()
 
         async with client(a.ws_url()) as leaving:
-            start = await subscribe_since(leaving, "feed")
+            start = await subscribe_since(leaving, "race")
             async with anyio.create_task_group() as tg:
                 tg.start_soon(publish)
                 before = await receive_envelopes(leaving, 40)
                 await leaving.close()
                 await halfway.wait()
+                assert "race" not in b.broadcaster.hub.statistics().topics
                 async with client(b.ws_url()) as resuming:
                     position = {"epoch": start["epoch"], "seq": before[-1]["seq"]}
-                    answer = await subscribe_since(resuming, "feed", position)
+                    answer = await subscribe_since(resuming, "race", position)
+                    answered.set()
                     assert answer["recovered"] is True
                     assert answer["epoch"] == start["epoch"]
-                    # The publisher is still going: the resume raced with it.
                     assert not published.is_set()
                     after = await receive_until(resuming, COUNT)
         seqs = [e["seq"] for e in before + after]
