@@ -47,7 +47,7 @@ from broadcaster.mailbox import (
     Wake,
 )
 from broadcaster.protocol import Frame, Mode, Payload, Position, control_frame, error_frame
-from broadcaster.shared_topics import Topic, begin, fan_out, finish
+from broadcaster.shared_topics import Topic, begin, finish, publish
 from broadcaster.stream import Entry, History, HistoryStatistics
 
 if TYPE_CHECKING:
@@ -345,7 +345,7 @@ class Hub:
         name, payload = command.topic, command.payload
         self._published[command.source] += 1
         if self._sequencer is not None:
-            self._publish_shared(command)
+            publish(self._topics.get(name), command, self._sequencer)
             self._observe_fanout(perf_counter() - started)
             return
         history = self._history
@@ -372,17 +372,6 @@ class Hub:
             self._relay.published(name, payload)
         if command.receipt is not None:
             command.receipt._set(Receipt(name, epoch, seq, subscribers))
-
-    def _publish_shared(self, command: PublishCommand) -> None:
-        name, topic = command.topic, self._topics.get(command.topic)
-        if command.position is not None:
-            if topic is not None:
-                fan_out(name, topic, command.payload, command.position)
-            return
-        assert self._sequencer is not None
-        subscribers = 0 if topic is None else len(topic.raw) + len(topic.mux)
-        # The sequencer fills the receipt in, or fails it and counts the refusal.
-        self._sequencer.submit(name, command.payload, command.receipt, subscribers)
 
     def _subscribe_shared(
         self, subscriber: Subscriber, command: SubscribeCommand, sequencer: Sequencer

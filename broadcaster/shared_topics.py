@@ -22,7 +22,7 @@ from broadcaster.stream import Outcome
 
 if TYPE_CHECKING:
     from broadcaster.backplane import Sequencer
-    from broadcaster.mailbox import RecoveredCommand, Subscriber
+    from broadcaster.mailbox import PublishCommand, RecoveredCommand, Subscriber
     from broadcaster.outbox import Outbox
     from broadcaster.protocol import Payload, Position
 
@@ -82,6 +82,17 @@ def begin(
     detail = "the broker is not keeping up; subscribe again shortly"
     subscriber.outbox.send_nowait(error_frame(ProtocolError("backplane_busy", detail)))
     return False
+
+
+def publish(topic: Topic | None, command: PublishCommand, sequencer: Sequencer) -> None:
+    """Fan out a message the broker numbered, or submit a local publish for numbering (the
+    sequencer fills its receipt in, or fails it and counts the refusal)."""
+    if command.position is not None:
+        if topic is not None:
+            fan_out(command.topic, topic, command.payload, command.position)
+        return
+    subscribers = 0 if topic is None else len(topic.raw) + len(topic.mux)
+    sequencer.submit(command.topic, command.payload, command.receipt, subscribers)
 
 
 def fan_out(name: str, topic: Topic, payload: Payload, position: Position) -> None:

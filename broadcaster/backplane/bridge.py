@@ -195,7 +195,11 @@ class Bridge:
         try:
             with self._outbound_in, self._outbound, self._inbound_in, self._inbound:
                 with self._recoverer:
-                    await self._relay(deliver, place, task_status)
+                    try:
+                        await self._relay(deliver, place, task_status)
+                    finally:
+                        # No publisher waits for a receipt that will never come.
+                        self._fail_waiting("the server is stopping")
         finally:
             # The buffers are closed: the hub's publishes count as unrelayed from now on.
             self._up = False
@@ -263,16 +267,20 @@ class Bridge:
         self._error = error
         self._subscribed.clear()
         # What was waiting for the lost link will not be sent: count it with the outage.
+        left = self._fail_waiting(error)
+        if left:
+            self._unrelayed.lose(left)
+
+    def _fail_waiting(self, error: str) -> int:
+        """Take what waits in the outbound buffer, failing its receipts; return how many."""
         left = 0
         while True:
             try:
                 _, _, receipt, _ = self._outbound.receive_nowait()
             except anyio.WouldBlock:
-                break
+                return left
             _fail(receipt, error)
             left += 1
-        if left:
-            self._unrelayed.lose(left)
 
     async def _receive(self, link: Link) -> None:
         async for topic, message in link.messages():
