@@ -226,3 +226,28 @@ async def test_publishes_are_refused_while_redis_is_down() -> None:
         assert await receive_envelopes(publisher, 1) == [
             {"topic": "feed", "seq": 1, "data": {"n": 1}}
         ]
+
+
+async def test_history_size_bounds_what_every_node_replays() -> None:
+    """With HISTORY_SIZE=5 a resume past the latest 5 is not recovered on any node, one within
+    them is, and GET /history and a raw ?last=K read the same bounded stream."""
+    async with (
+        two_nodes("redis", history_size=5) as (_, (a, on_a), (b, _)),
+        httpx.AsyncClient(trust_env=False) as http,
+    ):
+        for n in range(20):
+            await http.post(f"{a.http_url}/publish/feed", json={"n": n})
+        epoch = (await http.get(f"{a.http_url}/history/feed")).json()["epoch"]
+        assert [e["seq"] for e in await receive_envelopes(on_a, 20)] == list(range(1, 21))
+        async with client(b.ws_url()) as late:
+            answer = await subscribe_since(late, "feed", {"epoch": epoch, "seq": 10})
+            assert (answer["recovered"], answer["seq"]) == (False, 20)
+        async with client(b.ws_url()) as recent:
+            answer = await subscribe_since(recent, "feed", {"epoch": epoch, "seq": 16})
+            assert answer["recovered"] is True
+            assert [e["seq"] for e in await receive_envelopes(recent, 4)] == [17, 18, 19, 20]
+        page = (await http.get(f"{b.http_url}/history/feed", params={"limit": 10})).json()
+        assert [m["data"]["n"] for m in page["messages"]] == [15, 16, 17, 18, 19]
+        async with client(b.ws_url("/ws/feed?last=2")) as raw:
+            with anyio.fail_after(10):
+                assert [json.loads(await raw.recv()) for _ in range(2)] == [{"n": 18}, {"n": 19}]

@@ -246,6 +246,9 @@ def test_judge_follows_the_memory_histories_rules() -> None:
     assert judge(None, 4, full, 10)[0] is Outcome.NOT_RETAINED
     assert judge(None, 4, full, 3)[0] is Outcome.OVER_LIMIT
     assert judge(None, None, full, 10) == (None, ())
+    assert judge(Position("E", 2), None, full.retained(2), 10)[0] is Outcome.NOT_RETAINED
+    assert judge(Position("E", 3), None, full.retained(2), 10)[0] is Outcome.RECOVERED
+    assert full.retained(3) is full
     assert judge_page(None, full) == (None, full.entries)
     assert judge_page(Position("E", 2), full) == (True, full.entries)
     assert judge_page(Position("E", 1), full) == (False, ())

@@ -103,7 +103,11 @@ class Bridge:
         self._changed = anyio.Event()
         self._reconciled = anyio.Event()
         self._recoverer = Recoverer(
-            self._buffer, settings.recovery_max, self._timeout, self._subscribed_to
+            self._buffer,
+            settings.recovery_max,
+            settings.history_messages,
+            self._timeout,
+            self._subscribed_to,
         )
         # The hub's way to ask for a subscribe's starting point and GET /history's pages.
         self.recover = self._recoverer.recover

@@ -32,6 +32,7 @@ class Recoverer:
     Args:
         buffer: pending subscribes queued at most.
         recovery_max: the most entries one resume or rewind replays.
+        size: ``HISTORY_SIZE``, the entries a topic's stream is held to keep.
         timeout: seconds a read may take before the link counts as lost.
         subscribed: waits until the broker subscription for a topic is in place; ``False``
             when the topic is no longer wanted.
@@ -41,11 +42,13 @@ class Recoverer:
         self,
         buffer: int,
         recovery_max: int,
+        size: int,
         timeout: float,
         subscribed: Callable[[str], Awaitable[bool]],
     ) -> None:
         self._wants_in, self._wants = anyio.create_memory_object_stream[PendingSubscribe](buffer)
         self._recovery_max = recovery_max
+        self._size = size
         self._timeout = timeout
         self._subscribed = subscribed
         # A subscribe taken by a task whose link was lost: the next link serves it first.
@@ -93,7 +96,7 @@ class Recoverer:
                 read = await link.read(topic, read_start(since, limit, limit), limit)
         except TimeoutError:
             raise BackplaneDown("the broker did not answer") from None
-        recovered, entries = judge_page(since, read)
+        recovered, entries = judge_page(since, read.retained(self._size))
         return Position(read.epoch, read.seq), recovered, payloads(entries)
 
     async def serve(self, link: Any) -> None:
@@ -131,7 +134,7 @@ class Recoverer:
         count = 0 if since is None and last is None else self._recovery_max
         with anyio.fail_after(self._timeout):
             read = await link.read(want.topic, start, count)
-        outcome, entries = judge(since, last, read, self._recovery_max)
+        outcome, entries = judge(since, last, read.retained(self._size), self._recovery_max)
         return RecoveredCommand(
             want.subscriber, want, want.topic, read.epoch, read.seq, outcome, payloads(entries)
         )

@@ -38,6 +38,17 @@ class Slice:
     seq: int
     entries: Sequence[tuple[int, bytes]]
 
+    def retained(self, size: int) -> Slice:
+        """The slice as if the stream kept exactly its latest ``size`` entries.
+
+        ``XADD ... MAXLEN ~`` keeps at least that many, often more; a resume is answered as
+        ``HISTORY_SIZE`` says, on every node alike, whatever Redis has trimmed so far.
+        """
+        oldest = self.seq - size
+        if not self.entries or self.entries[0][0] > oldest:
+            return self
+        return Slice(self.epoch, self.seq, [entry for entry in self.entries if entry[0] > oldest])
+
 
 def read_start(since: Position | None, last: int | None, limit: int) -> int:
     """Where a read starts: a seq (at least 1) after ``since``, or ``-K`` for the latest K.
