@@ -210,8 +210,13 @@ async def test_publishes_are_refused_while_redis_is_down() -> None:
         assert history.status_code == 503
         samples = await scrape(node)
         assert samples[("broadcaster_refused_total", (("reason", "backplane_down"),))] == 2
+        # A subscribe meanwhile waits for Redis, which alone knows the topic's position.
+        await publisher.send(json.dumps({"op": "subscribe", "topic": "other"}))
+        await wait_until(lambda: "other" in node.broadcaster.hub.statistics().topics)
         await broker.start()
         await wait_until(lambda: bridge(node).statistics().up)
+        waited = await receive_json(publisher)
+        assert (waited["op"], waited["topic"], waited["seq"]) == ("subscribed", "other", 0)
         accepted = await http.post("/publish/feed", json={"n": 1})
         assert accepted.status_code == 200
         assert accepted.json()["seq"] == 1
