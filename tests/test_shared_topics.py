@@ -4,20 +4,31 @@ of a resume's read with the live messages, refusals, epochs; and the pure read r
 from __future__ import annotations
 
 import json
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import pytest
 import structlog
 
+from broadcaster.backplane import decode_positioned, encode
+from broadcaster.backplane.bridge import Bridge
+from broadcaster.backplane.recoverer import READ_TRIES
 from broadcaster.backplane.shared import Slice, judge, judge_page, read_start
 from broadcaster.errors import BackplaneDown
 from broadcaster.hub import Hub
+from broadcaster.log import get_logger
 from broadcaster.mailbox import PendingReceipt, PendingSubscribe, RecoveredCommand, Source
 from broadcaster.protocol import Mode, Payload, Position
+from broadcaster.settings import Settings
 from broadcaster.stream import Outcome
+from tests.support import wait_until
+from tests.test_bridge import HERE, FakeLink
 from tests.test_hub import make_subscriber, running, settle, take
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from broadcaster.mailbox import Subscriber
 
 
@@ -254,3 +265,73 @@ def test_judge_follows_the_memory_histories_rules() -> None:
     assert judge_page(Position("E", 1), full) == (False, ())
     assert judge_page(Position("F", 2), full) == (False, ())
     assert judge_page(Position("E", 5), full) == (True, full.entries)
+
+
+class UnreadableBroker:
+    """Hands out links whose stream reads fail, as a Redis that errs on every read."""
+
+    def __init__(self) -> None:
+        self.links: list[FakeLink] = []
+        self.reads = 0
+
+    @asynccontextmanager
+    async def connect(self) -> AsyncIterator[FakeLink]:
+        await anyio.lowlevel.checkpoint()
+        link = FakeLink()
+        self.links.append(link)
+
+        async def read(topic: str, start: int, count: int) -> Slice:
+            self.reads += 1
+            raise BackplaneDown("redis: unreadable")
+
+        link.read = read  # type: ignore[attr-defined]
+        try:
+            yield link
+        finally:
+            link.close()
+
+
+async def test_a_read_that_keeps_failing_is_answered_with_the_error() -> None:
+    """Each failed read costs the link; after READ_TRIES the subscribe gets the error."""
+    broker = UnreadableBroker()
+    answers: list[RecoveredCommand] = []
+
+    async def answer_(command: RecoveredCommand) -> None:
+        answers.append(command)
+
+    async def deliver(topic: str, payload: Payload) -> None:
+        raise AssertionError("nothing is delivered unnumbered")
+
+    options: dict[str, Any] = {"backplane_reconnect_min": 0.001, "backplane_reconnect_max": 0.002}
+    bridge = Bridge(
+        broker,
+        HERE,
+        Settings(**options),
+        get_logger("test"),
+        jitter=lambda: 0.0,
+        sequenced=True,
+    )
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(
+                lambda task_status: bridge.run(deliver, answer=answer_, task_status=task_status)
+            )
+            await wait_until(lambda: bridge.statistics().up)
+            bridge.topic_opened("t")
+            request = PendingSubscribe(make_subscriber(), "t", Position("E", 1), None)
+            assert bridge.recover(request)
+            await wait_until(lambda: bool(answers))
+            tg.cancel_scope.cancel()
+    [command] = answers
+    assert command.request is request
+    assert command.error == "redis: unreadable"
+    assert broker.reads == READ_TRIES
+    assert len(broker.links) >= READ_TRIES
+
+
+def test_a_numbered_message_carries_its_position() -> None:
+    """The broker's message decodes to its position, node and payload; others are refused."""
+    message = b"sE1:42:" + encode(HERE, Payload("x"))
+    assert decode_positioned(message) == (Position("E1", 42), HERE, Payload("x"))
+    with pytest.raises(ValueError, match="numbered"):
+        decode_positioned(encode(HERE, Payload("x")))
