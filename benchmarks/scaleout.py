@@ -24,7 +24,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from run import deliveries_per_second, fast, percent
+from measure import deliveries_per_second, fast, percent
 
 from broadcaster.stress import Report, Scenario, run_scenario
 from broadcaster.stress.spawned import SpawnedServer
