@@ -96,7 +96,7 @@ def test_latency_buckets_keep_three_percent(micros: int) -> None:
         (Scenario(url="ws://x:1"), Thresholds(max_rss_mib=10), "--max-rss-mib needs a spawned"),
         (Scenario(), Thresholds(require_stalled_closed=True), "needs stalled clients"),
         (Scenario(), Thresholds(min_fast_delivery=2), "fraction from 0 to 1"),
-        (Scenario(load_cpus=(100_000,)), Thresholds(), "may run only on cores"),
+        (Scenario(load_cpus=(100_000,)), Thresholds(), "this machine has cores 0 to"),
         (Scenario(url="ws://x:1", server_cpus=(0,)), Thresholds(), "a spawned server only"),
     ],
 )
