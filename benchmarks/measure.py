@@ -31,6 +31,7 @@ CLASSIC_DROPPING = (*CLASSIC, "--drop-failed-sends")
 BROADCASTER = Scenario().server_command
 MIB = 1024 * 1024
 SOCKSTAT = Path("/proc/net/sockstat")
+TCP_MEM = Path("/proc/sys/net/ipv4/tcp_mem")
 T = TypeVar("T")
 
 
@@ -92,6 +93,16 @@ def tcp_memory_mib() -> float | None:
             pages = int(fields[fields.index("mem") + 1])
             return pages * os.sysconf("SC_PAGE_SIZE") / MIB
     return None
+
+
+def tcp_pressure_mib() -> float | None:
+    """Return the TCP memory above which the kernel enters memory pressure (``tcp_mem``'s
+    middle value), in MiB; ``None`` where it cannot be read."""
+    try:
+        pages = int(TCP_MEM.read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / MIB
 
 
 @dataclass(frozen=True)
