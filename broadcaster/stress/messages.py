@@ -123,6 +123,15 @@ class Published:
 
 
 @dataclass(frozen=True, slots=True)
+class Drained:
+    """Receivers' worker to parent: each receiver has had everything published, or its drain
+    time ran out; sent before the clients close, so that the parent can take the server's CPU
+    time just after the last receipt."""
+
+    worker: int
+
+
+@dataclass(frozen=True, slots=True)
 class ClientResult:
     """What one client (all sessions of a churn client) saw.
 

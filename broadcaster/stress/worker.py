@@ -6,7 +6,8 @@ clients and says :class:`Ready`. On :class:`Start` receivers begin counting and 
 publishes and answers :class:`Published`, while slow receivers ration their reading and churn
 ones come and go. On :class:`Finish` receivers read freely until they have the last message of
 their topic, the connection ends or the drain time runs out (``duration`` + ``drain`` seconds
-after the start, however late Finish arrives), then close and answer :class:`Results`. Every
+after the start, however late Finish arrives), say :class:`Drained`, then close and answer
+:class:`Results`. Every
 wait is bounded; a closed pipe means the parent is gone, and the worker stops.
 """
 
@@ -38,6 +39,7 @@ from broadcaster.stress.messages import (
     ClientResult,
     ClientSpec,
     Command,
+    Drained,
     Failed,
     Finish,
     KindProgress,
@@ -287,6 +289,7 @@ class Worker:
         with anyio.move_on_after(max(deadline_ns - time.time_ns(), 0) / 1e9):
             for receiver, _ in receivers:
                 await receiver.finished.wait()
+        self.pipe.send(Drained(self.plan.index))
         for client in self.clients:
             if client.receiver is not None and client.spec.kind is not Kind.CHURN:
                 # A client that left itself did so at the deadline, before it caught up.
