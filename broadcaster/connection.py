@@ -274,7 +274,7 @@ class Connection:
                 command = parse_frame(message)
                 self._authorize(command)
             except ProtocolError as error:
-                self.outbox.send_nowait(error_frame(error))
+                self.outbox.offer(error_frame(error))
                 continue
             if isinstance(command, Ping):
                 await self._hub.ping(self._subscriber)
