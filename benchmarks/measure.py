@@ -137,14 +137,19 @@ class Bench:
         self.results: dict[str, dict[str, list[Any]]] = {}
 
     def rotate(
-        self, name: str, variants: Sequence[tuple[str, Callable[[], T]]]
+        self,
+        name: str,
+        variants: Sequence[tuple[str, Callable[[], T]]],
+        rounds: int | None = None,
     ) -> dict[str, list[T]]:
-        """Run every variant once per round, ``repeat`` rounds; return the results by label."""
+        """Run every variant once per round, ``repeat`` rounds (or ``rounds``, for a scenario
+        too long to repeat); return the results by label."""
         results: dict[str, list[T]] = {label: [] for label, _ in variants}
-        for round_number in range(1, self.repeat + 1):
+        rounds = self.repeat if rounds is None else rounds
+        for round_number in range(1, rounds + 1):
             for label, run in variants:
                 print(
-                    f"bench: {name} {round_number}/{self.repeat}: {label}",
+                    f"bench: {name} {round_number}/{rounds}: {label}",
                     file=sys.stderr,
                     flush=True,
                 )

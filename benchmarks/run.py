@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from handshakes import handshakes
 from measure import Bench, Row, place, table
 from pressure import churn_latency, kernel
-from scenarios import churn, connections, history, isolation, memory, throughput
+from scenarios import churn, connections, history, idle, isolation, memory, throughput
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -38,6 +38,7 @@ SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
     "history": history,
     "churn": churn,
     "connections": connections,
+    "idle": idle,
     "handshakes": handshakes,
     "churn-latency": churn_latency,
     "kernel": kernel,

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 # transport's write buffer up to its high-water mark plus one sender batch.
 TRANSPORT_ALLOWANCE_MIB = 0.5
 HISTORY_OFF = {"BROADCASTER_HISTORY_SIZE": "0"}
+IDLE_CONNECTIONS = 100_000
+# What an idle connection may cost the server, in KiB of RSS.
+IDLE_KIB = 16
 
 
 def p99(run: Run) -> float | None:
@@ -261,10 +264,7 @@ def connections(bench: Bench) -> list[Row]:
     classic, ours = runs["classic"], runs["broadcaster"]
 
     def per_connection(run: Run) -> float | None:
-        server = run.report.server
-        if server is None or server.rss_peak_mib is None or server.rss_idle_mib is None:
-            return None
-        return (server.rss_peak_mib - server.rss_idle_mib) * 1024 / 10_000
+        return _per_connection(run, 10_000)
 
     theirs = median([per_connection(r) for r in classic])
     mine = median([per_connection(r) for r in ours])
@@ -280,6 +280,45 @@ def connections(bench: Bench) -> list[Row]:
         ),
         *cost_rows("connections", classic, ours),
     ]
+
+
+def idle(bench: Bench) -> list[Row]:
+    """100,000 idle connections on one worker, from eight loopback addresses (one has too
+    few ephemeral ports), one small message a second; broadcaster alone, one round."""
+    scenario = Scenario(
+        fast=IDLE_CONNECTIONS,
+        rate=1,
+        size=64,
+        duration=5,
+        drain=30,
+        procs=2,
+        connect_timeout=300,
+        source_addresses=8,
+        server_env={"BROADCASTER_MAX_CONNECTIONS": str(2 * IDLE_CONNECTIONS)},
+    )
+    runs = bench.rotate("idle", [("broadcaster", bench.stress(BROADCASTER, scenario))], rounds=1)
+    ours = runs["broadcaster"]
+    mine = median([_per_connection(r, IDLE_CONNECTIONS) for r in ours])
+    complete = median([fast_delivery(r) for r in ours]) == 100
+    return [
+        Row(
+            "idle",
+            f"{IDLE_CONNECTIONS:,} idle connections: delivery (%), RSS per connection (KiB)",
+            "-",
+            f"{spread([fast_delivery(r) for r in ours])}, "
+            f"{spread([_per_connection(r, IDLE_CONNECTIONS) for r in ours])}",
+            f"100, <= {IDLE_KIB}",
+            complete and mine is not None and mine <= IDLE_KIB,
+        ),
+    ]
+
+
+def _per_connection(run: Run, connections: int) -> float | None:
+    """The server's peak RSS over its idle RSS, per connection, in KiB."""
+    server = run.report.server
+    if server is None or server.rss_peak_mib is None or server.rss_idle_mib is None:
+        return None
+    return (server.rss_peak_mib - server.rss_idle_mib) * 1024 / connections
 
 
 def _ratios(tops: Sequence[float | None], bottoms: Sequence[float | None]) -> list[float | None]:

@@ -97,6 +97,9 @@ class Scenario:
         connect_timeout: seconds one connection and subscription may take.
         server_cpus: cores a spawned server is kept on; empty leaves it where it runs.
         load_cpus: cores the worker processes are kept on; empty leaves them where they run.
+        source_addresses: receivers connect from 127.0.0.1 to 127.0.0.N in turn, to get past
+            the ephemeral ports of one address (about 28,000 on Linux) to a server on this
+            machine; 1 lets the kernel choose.
     """
 
     url: str | None = None
@@ -123,6 +126,7 @@ class Scenario:
     connect_timeout: float = 10.0
     server_cpus: tuple[int, ...] = ()
     load_cpus: tuple[int, ...] = ()
+    source_addresses: int = 1
 
     def counts(self) -> dict[Kind, int]:
         """Clients of each kind."""
@@ -161,6 +165,7 @@ class Scenario:
             (self.churn_stay > 0, "--churn-stay must be more than 0"),
             (self.receive_buffer >= 1024, "--receive-buffer must be at least 1024"),
             (self.connect_timeout > 0, "--connect-timeout must be more than 0"),
+            (1 <= self.source_addresses <= 254, "source addresses must be from 1 to 254"),
         ]
         return problems + [message for ok, message in checks if not ok] + self._cpu_problems()
 
@@ -400,6 +405,7 @@ class _Runner:
                 receive_buffer=scenario.receive_buffer,
                 connect_timeout=scenario.connect_timeout,
                 progress_seconds=TICK_SECONDS,
+                source_addresses=scenario.source_addresses,
             )
             for index, (share, plan) in enumerate(groups)
         ]
