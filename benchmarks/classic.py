@@ -12,6 +12,11 @@ Run it as users run the classic example, with uvicorn's defaults::
 
 ``python benchmarks/classic.py`` serves it on a free port and announces the port on stderr,
 as ``broadcaster serve`` does, so that ``broadcaster stress`` can spawn and measure it.
+
+``python benchmarks/classic.py --drop-failed-sends`` serves the pattern as it is usually
+patched once clients come and go: a send that fails forgets that socket instead of failing
+the whole publish (and with it the publisher's connection). It still awaits each socket in
+turn.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ app = FastAPI(title="classic ConnectionManager")
 class ConnectionManager:
     """Topic to sockets, and a publish that awaits each socket in turn."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, drop_failed_sends: bool = False) -> None:
+        self.drop_failed_sends = drop_failed_sends
         self.raw: defaultdict[str, set[WebSocket]] = defaultdict(set)
         self.mux: defaultdict[str, set[WebSocket]] = defaultdict(set)
         self.seq: defaultdict[str, int] = defaultdict(int)
@@ -41,10 +47,20 @@ class ConnectionManager:
         self.seq[topic] += 1
         envelope = f'{{"topic":"{topic}","seq":{self.seq[topic]},"data":{data_json}}}'
         for websocket in list(self.raw[topic]):
-            await websocket.send_text(raw)
+            await self.send(websocket, raw)
         for websocket in list(self.mux[topic]):
-            await websocket.send_text(envelope)
+            await self.send(websocket, envelope)
         return len(self.raw[topic]) + len(self.mux[topic])
+
+    async def send(self, websocket: WebSocket, text: str) -> None:
+        """Send one message; with ``drop_failed_sends``, a socket that fails is forgotten."""
+        if not self.drop_failed_sends:
+            await websocket.send_text(text)
+            return
+        try:
+            await websocket.send_text(text)
+        except Exception:  # whatever a gone client raises: the patch catches them all
+            self.forget(websocket)
 
     def forget(self, websocket: WebSocket) -> None:
         """Remove a socket from every topic."""
@@ -52,7 +68,7 @@ class ConnectionManager:
             members.discard(websocket)
 
 
-manager = ConnectionManager()
+manager = ConnectionManager(drop_failed_sends="--drop-failed-sends" in sys.argv[1:])
 
 
 @app.websocket("/ws/{topic}")

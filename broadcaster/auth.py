@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from broadcaster.errors import Refused
+from broadcaster.settings import Settings, normal_origin, parse_public_key
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
-
-    from broadcaster.settings import Settings
 
 # The query parameter a browser puts its token in, since it cannot set headers on a handshake.
 TOKEN_PARAMETER = "token"
@@ -67,31 +66,6 @@ class Grant:
 
 
 FULL = Grant(EVERY_TOPIC, EVERY_TOPIC)
-
-
-def parse_public_key(pem: str) -> tuple[Any, str]:
-    """Load a PEM public key and name the one JWT algorithm it verifies.
-
-    Fixing the algorithm from the key, never from a token's header, rules out algorithm
-    confusion (RFC 8725, section 2.1).
-
-    Raises:
-        ValueError: it is not an RSA or P-256 elliptic-curve public key in PEM.
-    """
-    # Imported here: cryptography and PyJWT cost a process about 9 MiB, which a server without
-    # a JWT key need not pay.
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-    try:
-        key = load_pem_public_key(pem.encode())
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"not a PEM public key: {error}") from None
-    if isinstance(key, rsa.RSAPublicKey):
-        return key, "RS256"
-    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
-        return key, "ES256"
-    raise ValueError("only RSA (RS256) and P-256 (ES256) public keys are supported")
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -185,11 +159,6 @@ class Authenticator:
         for token in self._tokens:
             matched |= hmac.compare_digest(presented, token)
         return matched
-
-
-def normal_origin(origin: str) -> str:
-    """Spell an origin the one way it is compared: lower case, no trailing slash."""
-    return origin.strip().rstrip("/").lower()
 
 
 def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:

@@ -25,6 +25,7 @@ from broadcaster.errors import (
     HubStopped,
     LagCause,
     ProtocolError,
+    ShuttingDown,
     SlowConsumer,
 )
 from broadcaster.mailbox import Source, Subscriber
@@ -188,7 +189,9 @@ class Connection:
         """Serve until the client leaves, lags, or the server stops; then close the socket."""
         started = time.monotonic()
         self._totals.accepted += 1
-        self._log.info(
+        # Debug level, like a close the client chose: a reconnect storm of thousands must not
+        # become thousands of lines; the metrics count every connection.
+        self._log.debug(
             "connection_opened",
             mode=self._subscriber.mode.value,
             topic=self._topic,
@@ -224,7 +227,10 @@ class Connection:
             if closing is not None:
                 with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
                     await self._socket.close(closing.code, closing.reason)
-            self._log.info(
+            # Info when the server closed it for a reason of its own, the close an operator
+            # looks for; the rest (the client left, shutdown) at debug.
+            notable = closing is not None and not isinstance(closing, ShuttingDown)
+            (self._log.info if notable else self._log.debug)(
                 "connection_closed",
                 code=closing.code.value if closing else None,
                 reason=closing.reason if closing else "client left",
@@ -278,7 +284,7 @@ class Connection:
                 command = parse_frame(message)
                 self._authorize(command)
             except ProtocolError as error:
-                self.outbox.send_nowait(error_frame(error))
+                self.outbox.offer(error_frame(error))
                 continue
             if isinstance(command, Ping):
                 await self._hub.ping(self._subscriber)
@@ -288,7 +294,7 @@ class Connection:
                 except BackplaneDown as error:
                     self._totals.refused["backplane_down"] += 1
                     refusal = ProtocolError("backplane_down", str(error))
-                    self.outbox.send_nowait(error_frame(refusal))
+                    self.outbox.offer(error_frame(refusal))
             elif isinstance(command, Subscribe):
                 self._subscribing = True
                 await self._hub.subscribe(

@@ -332,7 +332,7 @@ class Hub:
         elif isinstance(command, RecoveredCommand):
             self._recovered(subscriber, command)
         elif isinstance(command, PingCommand):
-            subscriber.outbox.send_nowait(PONG)
+            subscriber.outbox.offer(PONG)
         else:
             self._unsubscribe(subscriber, command.topic)
 
@@ -359,11 +359,11 @@ class Hub:
             if topic.raw:
                 raw = Frame.of(payload.raw)
                 for outbox in topic.raw:
-                    outbox.send_nowait(raw)
+                    outbox.offer(raw)
             if topic.mux:
                 mux = payload.envelope(name, seq)
                 for outbox in topic.mux:
-                    outbox.send_nowait(mux)
+                    outbox.offer(mux)
         if history.size:
             # The frames just sent are kept: a replay sends the very same objects.
             history.append(name, stream, Entry(seq, payload, raw, mux))
@@ -400,9 +400,7 @@ class Hub:
         # Counted here, where the subscriptions are known exactly, and answered in order.
         if name not in subscriber.topics and len(subscriber.topics) >= self._max_subscriptions:
             detail = f"a connection subscribes to at most {self._max_subscriptions} topics"
-            subscriber.outbox.send_nowait(
-                error_frame(ProtocolError("too_many_subscriptions", detail))
-            )
+            subscriber.outbox.offer(error_frame(ProtocolError("too_many_subscriptions", detail)))
             return
         if self._sequencer is not None:
             self._subscribe_shared(subscriber, command, self._sequencer)
@@ -428,22 +426,22 @@ class Hub:
             fields["seq"] = stream.seq
             if recovery is not None:
                 fields["recovered"] = recovery.recovered
-            outbox.send_nowait(control_frame("subscribed", **fields))
+            outbox.offer(control_frame("subscribed", **fields))
         if recovery is None or not recovery.entries:
             return
         # Through the outbox like any message: what does not fit meets the overflow policy.
         if subscriber.mode is Mode.MUX:
             for entry in recovery.entries:
-                outbox.send_nowait(history.mux_frame(name, stream, entry))
+                outbox.offer(history.mux_frame(name, stream, entry))
         else:
             for entry in recovery.entries:
-                outbox.send_nowait(history.raw_frame(stream, entry))
+                outbox.offer(history.raw_frame(stream, entry))
         history.settle(name, stream)
 
     def _unsubscribe(self, subscriber: Subscriber, name: str) -> None:
         self._remove(subscriber, name)
         if subscriber.mode is Mode.MUX:
-            subscriber.outbox.send_nowait(control_frame("unsubscribed", topic=name))
+            subscriber.outbox.offer(control_frame("unsubscribed", topic=name))
 
     def _leave(self, subscriber: Subscriber) -> None:
         for name in list(subscriber.topics):

@@ -1,6 +1,6 @@
 """One connection's bounded queue of frames, bounded by messages and by bytes.
 
-The hub offers frames with :meth:`Outbox.send_nowait`, which never blocks: when a frame does
+The hub offers frames with :meth:`Outbox.offer`, which never blocks: when a frame does
 not fit, the overflow policy decides on the spot (see :mod:`broadcaster.policy`). The
 connection's sender is the only consumer: its own task through :meth:`Outbox.receive_batch`,
 or the shared :class:`broadcaster.writer.Writer` through :meth:`Outbox.take_batch`, which the
@@ -114,7 +114,7 @@ class Outbox:
         self._error: Closing | None = None
         self._closed = False
 
-    def send_nowait(self, frame: Frame) -> None:
+    def offer(self, frame: Frame) -> None:
         """Offer a frame; the policy decides if it does not fit. Never blocks or raises.
 
         Control frames (``subscribed``, ``pong``, ``error``) are queued in order but outside

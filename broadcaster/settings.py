@@ -22,7 +22,6 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from broadcaster.auth import normal_origin, parse_public_key
 from broadcaster.policy import Overflow
 
 if TYPE_CHECKING:
@@ -39,6 +38,36 @@ MIN_SECRET_LENGTH = 32
 MIN_TOKEN_LENGTH = 16
 # Settings whose values are secrets: errors name them but never echo what was given.
 SECRET_SETTINGS = frozenset({"publish_tokens", "jwt_secret", "jwt_public_key"})
+
+
+def normal_origin(origin: str) -> str:
+    """Spell an origin the one way it is compared: lower case, no trailing slash."""
+    return origin.strip().rstrip("/").lower()
+
+
+def parse_public_key(pem: str) -> tuple[Any, str]:
+    """Load a PEM public key and name the one JWT algorithm it verifies.
+
+    Fixing the algorithm from the key, never from a token's header, rules out algorithm
+    confusion (RFC 8725, section 2.1).
+
+    Raises:
+        ValueError: it is not an RSA or P-256 elliptic-curve public key in PEM.
+    """
+    # Imported here: cryptography and PyJWT cost a process about 9 MiB, which a server without
+    # a JWT key need not pay.
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(pem.encode())
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"not a PEM public key: {error}") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        return key, "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return key, "ES256"
+    raise ValueError("only RSA (RS256) and P-256 (ES256) public keys are supported")
 
 
 def _split_commas(value: Any) -> Any:

@@ -80,7 +80,7 @@ def begin(
         return True
     del topic.pending[subscriber]
     detail = "the broker is not keeping up; subscribe again shortly"
-    subscriber.outbox.send_nowait(error_frame(ProtocolError("backplane_busy", detail)))
+    subscriber.outbox.offer(error_frame(ProtocolError("backplane_busy", detail)))
     return False
 
 
@@ -104,7 +104,7 @@ def fan_out(name: str, topic: Topic, payload: Payload, position: Position) -> No
         notice = control_frame("subscribed", topic=name, epoch=epoch, seq=seq - 1, recovered=False)
         for outbox in topic.mux:
             if topic.known.get(outbox, topic.epoch) != epoch:
-                outbox.send_nowait(notice)
+                outbox.offer(notice)
         topic.known.clear()
         if epoch != topic.epoch:
             topic.skips.clear()
@@ -121,12 +121,12 @@ def fan_out(name: str, topic: Topic, payload: Payload, position: Position) -> No
         raw = Frame.of(payload.raw)
         for outbox in topic.raw:
             if not skips or skips.get(outbox, 0) < seq:
-                outbox.send_nowait(raw)
+                outbox.offer(raw)
     if topic.mux:
         mux = payload.envelope(name, seq)
         for outbox in topic.mux:
             if not skips or skips.get(outbox, 0) < seq:
-                outbox.send_nowait(mux)
+                outbox.offer(mux)
     if skips:
         for outbox in [outbox for outbox, until in skips.items() if until <= seq]:
             del skips[outbox]
@@ -142,7 +142,7 @@ def finish(topic: Topic, subscriber: Subscriber, command: RecoveredCommand) -> b
     outbox, mode, name = subscriber.outbox, subscriber.mode, command.topic
     if command.error is not None:
         if mode is Mode.MUX:
-            outbox.send_nowait(error_frame(ProtocolError("backplane_down", command.error)))
+            outbox.offer(error_frame(ProtocolError("backplane_down", command.error)))
         return False
     outcome, entries = command.outcome, command.entries
     if buffered is None and outcome is not None:
@@ -153,7 +153,7 @@ def finish(topic: Topic, subscriber: Subscriber, command: RecoveredCommand) -> b
         fields["seq"] = command.seq
         if command.outcome is not None:
             fields["recovered"] = outcome is Outcome.RECOVERED
-        outbox.send_nowait(control_frame("subscribed", **fields))
+        outbox.offer(control_frame("subscribed", **fields))
     for seq, payload in entries:
         _send(outbox, mode, name, seq, payload)
     for position, payload in buffered or ():
@@ -172,4 +172,4 @@ def finish(topic: Topic, subscriber: Subscriber, command: RecoveredCommand) -> b
 
 def _send(outbox: Outbox, mode: Mode, name: str, seq: int, payload: Payload) -> None:
     # Through the outbox like any message: what does not fit meets the overflow policy.
-    outbox.send_nowait(Frame.of(payload.raw) if mode is Mode.RAW else payload.envelope(name, seq))
+    outbox.offer(Frame.of(payload.raw) if mode is Mode.RAW else payload.envelope(name, seq))

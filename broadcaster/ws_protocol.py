@@ -40,19 +40,17 @@ from urllib.parse import unquote
 import anyio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import (
-    BytesMessage,
     CloseConnection,
     Message,
     Ping,
     Pong,
-    TextMessage,
 )
 from wsproto.utilities import LocalProtocolError
 
 from broadcaster.errors import CloseCode, Closing, LagCause, ShuttingDown, SlowConsumer
 from broadcaster.handshake import Request, accept_response, http_response, parse_request, refusal
+from broadcaster.inbound import Inbound
 from broadcaster.log import get_logger
-from broadcaster.policy import TokenBucket
 from broadcaster.writer import FASTLANE
 
 if TYPE_CHECKING:
@@ -67,10 +65,6 @@ MAX_REASON_BYTES = 123
 # The transport's write buffer: writes pause above HIGH_WATER and resume below LOW_WATER.
 HIGH_WATER = 64 * 1024
 LOW_WATER = 16 * 1024
-# Bytes of a client's messages the app may have waiting before reading from it stops, each
-# message charged its size plus what an ASGI event costs in memory.
-INBOX_BYTES = 64 * 1024
-MESSAGE_OVERHEAD = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,20 +132,13 @@ class WebSocketProtocol(asyncio.Protocol):
     __slots__ = (
         "_app",
         "_app_state",
-        "_bytes",
         "_close_sent",
         "_conn",
         "_connections",
         "_default_headers",
-        "_disconnect",
-        "_frames",
-        "_inbox",
-        "_inbox_bytes",
-        "_inbox_next",
+        "_inbound",
         "_loop",
         "_on_writable",
-        "_parts",
-        "_parts_bytes",
         "_pending_pong",
         "_ping_payload",
         "_reading",
@@ -190,16 +177,8 @@ class WebSocketProtocol(asyncio.Protocol):
         self._request: Request | None = None
         # wsproto's frame layer, from the accept on.
         self._conn: Connection | None = None
-        # Messages for the app: a list read from _inbox_next, cheaper than a deque when idle.
-        self._inbox: list[dict[str, Any]] = [{"type": "websocket.connect"}]
-        self._inbox_next = 0
-        self._inbox_bytes = 0
-        self._disconnect: dict[str, Any] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
-        # The fragments of the message being received, and their size in bytes.
-        self._parts: list[Any] = []
-        self._parts_bytes = 0
         self._reading = True
         self._writable = True
         self._close_sent = False
@@ -215,10 +194,9 @@ class WebSocketProtocol(asyncio.Protocol):
         self._on_writable: Callable[[], None] | None = None
         now = self._loop.time()
         limits = self.limits
-        self._frames = TokenBucket.full(
-            limits.frames_per_second, max(1.0, limits.frames_per_second), now
+        self._inbound = Inbound(
+            limits.frames_per_second, limits.bytes_per_second, limits.max_message_bytes, now
         )
-        self._bytes = TokenBucket.full(limits.bytes_per_second, limits.bytes_per_second, now)
         #: Why the server closed the connection, once it has.
         self.closing: Closing | None = None
 
@@ -257,21 +235,30 @@ class WebSocketProtocol(asyncio.Protocol):
         what is left waits in wsproto's buffer (reading is paused) until the app catches up."""
         assert self._conn is not None
         for event in self._conn.events():
-            if not self._charge(event):
+            over = self._inbound.charge(event, self._loop.time())
+            if over is not None:
+                if self._close_sent:
+                    self._abort()  # still flooding after the close frame
+                else:
+                    self._fail(over)
                 return
             if self._close_sent:
                 if isinstance(event, CloseConnection) and self._transport is not None:
                     self._transport.close()  # the peer's answer to our close
                 continue
             if isinstance(event, Message):
-                self._receive_part(event)
+                too_big = self._inbound.receive(event)
+                if too_big is not None:
+                    self._fail(too_big)
+                else:
+                    self._wake()
             elif isinstance(event, Ping):
                 self._pong(bytes(event.payload))
             elif isinstance(event, Pong):
                 self._answered(bytes(event.payload))
             elif isinstance(event, CloseConnection):
                 self._peer_closed(event)
-            if self._inbox_bytes >= INBOX_BYTES and not self._close_sent:
+            if self._inbound.full and not self._close_sent:
                 break
         self._update_reading()
 
@@ -371,22 +358,15 @@ class WebSocketProtocol(asyncio.Protocol):
 
     async def receive(self) -> dict[str, Any]:
         """Return the next ASGI event for the app; after the disconnect, the disconnect."""
-        while self._inbox_next == len(self._inbox):
-            if self._disconnect is not None:
-                return self._disconnect
+        while (event := self._inbound.next_event()) is None:
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        message = self._inbox[self._inbox_next]
-        self._inbox_next += 1
-        if self._inbox_next == len(self._inbox):
-            self._inbox.clear()
-            self._inbox_next = self._inbox_bytes = 0
-            if self._conn is not None and not self._close_sent:
-                self._process()
-        return message
+        if self._inbound.drained and self._conn is not None and not self._close_sent:
+            self._process()  # frames that waited in the parser for the app to catch up
+        return event
 
     async def send(self, message: dict[str, Any]) -> None:
         """Take an ASGI event from the app: accept, a message, a close or a refusal."""
@@ -498,45 +478,6 @@ class WebSocketProtocol(asyncio.Protocol):
 
     # Frames in
 
-    def _charge(self, event: object) -> bool:
-        """Charge one frame to the budgets; close with 1008 and say False when it is over."""
-        if isinstance(event, TextMessage):
-            data = event.data
-            size = len(data) if data.isascii() else len(data.encode())
-        elif isinstance(event, BytesMessage):
-            size = len(event.data)
-        elif isinstance(event, Ping | Pong):
-            size = len(event.payload)
-        else:
-            size = 2
-        now = self._loop.time()
-        if self._frames.take(1, now) and self._bytes.take(size, now):
-            if isinstance(event, Message):
-                self._parts_bytes += size
-            return True
-        if self._close_sent:
-            self._abort()  # still flooding after the close frame
-        else:
-            self._fail(Closing(CloseCode.POLICY_VIOLATION, "rate limit exceeded"))
-        return False
-
-    def _receive_part(self, event: Message[Any]) -> None:
-        if self._parts_bytes > self.limits.max_message_bytes:
-            self._fail(Closing(CloseCode.MESSAGE_TOO_BIG, "message too big"))
-            return
-        if not event.message_finished:
-            self._parts.append(event.data)
-            return
-        data = event.data
-        if self._parts:
-            self._parts.append(data)
-            data = ("" if isinstance(data, str) else b"").join(self._parts)
-            self._parts = []
-        key = "text" if isinstance(data, str) else "bytes"
-        self._inbox_bytes += self._parts_bytes + MESSAGE_OVERHEAD
-        self._parts_bytes = 0
-        self._deliver({"type": "websocket.receive", key: data})
-
     def _peer_closed(self, event: CloseConnection) -> None:
         assert self._conn is not None
         assert self._transport is not None
@@ -605,8 +546,7 @@ class WebSocketProtocol(asyncio.Protocol):
         """Close for a reason of the server's own, which the connection then counts."""
         if not self._close_sent and self._conn is not None:
             self.closing = closing
-            # What the client sent and the app has not read yet is not acted on.
-            del self._inbox[self._inbox_next :]
+            self._inbound.forget()
             self._close(closing.code, closing.reason, linger)
 
     def _close(self, code: int, reason: str, linger: float | None = None) -> None:
@@ -642,22 +582,20 @@ class WebSocketProtocol(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
-    def _deliver(self, message: dict[str, Any]) -> None:
-        self._inbox.append(message)
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def _deliver_disconnect(self, code: int, reason: str) -> None:
-        if self._disconnect is None:
-            self._disconnect = {"type": "websocket.disconnect", "code": code, "reason": reason}
-            self._deliver(self._disconnect)
+        self._inbound.disconnect(code, reason)
+        self._wake()
 
     def _update_reading(self) -> None:
         """Read while the app keeps up and writes flow; always read after the close frame."""
         if self._conn is None:
             return
-        wanted = self._close_sent or (self._writable and self._inbox_bytes < INBOX_BYTES)
+        wanted = self._close_sent or (self._writable and not self._inbound.full)
         if wanted and not self._reading:
             self._reading = True
             if self._transport is not None and not self._transport.is_closing():

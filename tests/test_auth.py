@@ -24,10 +24,9 @@ from broadcaster.auth import (
     TopicPatterns,
     bearer,
     origin_allowed,
-    parse_public_key,
 )
 from broadcaster.errors import Refused
-from broadcaster.settings import Settings
+from broadcaster.settings import Settings, parse_public_key
 from tests.support import JWT_SECRET, PUBLISH_TOKEN, pem, token
 
 EC_KEY = ec.generate_private_key(ec.SECP256R1())

@@ -82,12 +82,12 @@ Message = str | bytes
 def send(outbox: Outbox, *messages: Message) -> None:
     """Offer data frames of ``messages``, each sized by its encoded frame."""
     for message in messages:
-        outbox.send_nowait(Frame.of(message))
+        outbox.offer(Frame.of(message))
 
 
 def control(outbox: Outbox, message: str) -> None:
     """Queue a control frame of ``message``."""
-    outbox.send_nowait(Frame.of(message, control=True))
+    outbox.offer(Frame.of(message, control=True))
 
 
 def contents(frames: list[Frame]) -> list[Message]:
@@ -122,7 +122,7 @@ async def test_frames_come_out_in_fifo_order() -> None:
     outbox = make_outbox(max_messages=10)
     frames = [Frame.of("a"), Frame.of(b"b"), Frame.of("c")]
     for frame in frames:
-        outbox.send_nowait(frame)
+        outbox.offer(frame)
     with anyio.fail_after(GUARD):
         received = await outbox.receive_batch(EVERYTHING)
     assert contents(received) == ["a", b"b", "c"]

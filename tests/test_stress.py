@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import time
 from typing import TYPE_CHECKING
 
 import anyio
+import psutil
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
@@ -23,7 +25,7 @@ from broadcaster.stress.messages import KindProgress
 from broadcaster.stress.plot import plot
 from broadcaster.stress.render import ProgressView
 from broadcaster.stress.report import percentile
-from broadcaster.stress.spawned import Sample
+from broadcaster.stress.spawned import Sample, pin
 from tests.support import running_server
 
 if TYPE_CHECKING:
@@ -96,6 +98,8 @@ def test_latency_buckets_keep_three_percent(micros: int) -> None:
         (Scenario(url="ws://x:1"), Thresholds(max_rss_mib=10), "--max-rss-mib needs a spawned"),
         (Scenario(), Thresholds(require_stalled_closed=True), "needs stalled clients"),
         (Scenario(), Thresholds(min_fast_delivery=2), "fraction from 0 to 1"),
+        (Scenario(load_cpus=(100_000,)), Thresholds(), "this machine has cores 0 to"),
+        (Scenario(url="ws://x:1", server_cpus=(0,)), Thresholds(), "a spawned server only"),
     ],
 )
 def test_bad_settings_are_named(scenario: Scenario, thresholds: Thresholds, expected: str) -> None:
@@ -128,7 +132,9 @@ def test_progress_is_a_live_table_on_a_terminal_and_sparse_lines_elsewhere() -> 
 
 
 def test_small_scenario_isolates_stalled_clients(tmp_path: Path) -> None:
-    """Fast clients get every message while stalled ones are closed with 1013, churn is clean."""
+    """Fast clients get every message while stalled ones are closed with 1013, churn is clean;
+    the server's CPU time is measured on the core it was kept on."""
+    cores = sorted(os.sched_getaffinity(0))
     scenario = Scenario(
         server_env=SMALL_QUEUES,
         fast=20,
@@ -139,6 +145,8 @@ def test_small_scenario_isolates_stalled_clients(tmp_path: Path) -> None:
         size=64 * 1024,
         duration=2,
         procs=1,
+        server_cpus=(cores[0],),
+        load_cpus=(cores[-1],),
     )
     report = run_scenario(scenario)
     fast, stalled, churn = (report.kinds[k] for k in (Kind.FAST, Kind.STALLED, Kind.CHURN))
@@ -153,6 +161,11 @@ def test_small_scenario_isolates_stalled_clients(tmp_path: Path) -> None:
     assert report.leftover_subscribers == 0
     assert report.server is not None
     assert (report.server.exit_status, report.server.error_lines) == (0, 0)
+    assert report.server.cpus == [cores[0]]
+    assert report.server.cpu_seconds is not None
+    assert report.server.cpu_window_seconds is not None
+    assert 0 < report.server.cpu_seconds < report.server.cpu_window_seconds
+    assert report.server.cpu_window_seconds >= report.publisher.seconds
     met = Thresholds(min_fast_delivery=1, require_stalled_closed=True, max_server_errors=0)
     assert met.violations(report) == []
     missed = Thresholds(max_p99_ms=1e-6, max_rss_mib=1).violations(report)
@@ -160,6 +173,36 @@ def test_small_scenario_isolates_stalled_clients(tmp_path: Path) -> None:
     json.dumps(report.to_json())
     plot(report, tmp_path / "run.png")
     assert (tmp_path / "run.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_pin_moves_every_thread_of_a_process() -> None:
+    """``pin`` keeps each thread of a running process, and the threads it starts later, on the
+    cores given."""
+    core = sorted(os.sched_getaffinity(0))[-1]
+    code = (
+        "import os, sys, threading\n"
+        "done = threading.Event()\n"
+        "threading.Thread(target=done.wait).start()\n"
+        "print('started', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "later = lambda: print(sorted(os.sched_getaffinity(0)), flush=True)\n"
+        "threading.Thread(target=later).start()\n"
+        "done.set()\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdin is not None
+        assert child.stdout is not None
+        assert child.stdout.readline() == "started\n"
+        pin(child.pid, [core])
+        threads = [thread.id for thread in psutil.Process(child.pid).threads()]
+        assert len(threads) == 2
+        assert all(os.sched_getaffinity(thread) == {core} for thread in threads)
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == f"[{core}]\n"
+        assert child.wait(timeout=30) == 0
 
 
 def test_cli_spawns_a_server_and_writes_json_to_stdout() -> None:

@@ -108,7 +108,7 @@ async def test_frames_queued_together_go_out_in_one_write_in_order() -> None:
         outbox = attach(writer, FakeLane("a", log))
         frames = [Frame.of(text) for text in ("one", "two", "three")]
         for frame in frames:
-            outbox.send_nowait(frame)
+            outbox.offer(frame)
         await wait_until(lambda: writer.statistics().written == 1)
     assert log == [("a", b"".join(frame.wire for frame in frames))]
     assert len(outbox) == 0
@@ -119,9 +119,9 @@ async def test_a_frame_in_an_emptied_outbox_schedules_it_again() -> None:
     log: list[tuple[str, bytes]] = []
     async with running_writer() as writer:
         outbox = attach(writer, FakeLane("a", log))
-        outbox.send_nowait(Frame.of("first"))
+        outbox.offer(Frame.of("first"))
         await wait_until(lambda: writer.statistics().written == 1)
-        outbox.send_nowait(Frame.of("second"))
+        outbox.offer(Frame.of("second"))
         await wait_until(lambda: writer.statistics().written == 2)
     assert log == [("a", Frame.of("first").wire), ("a", Frame.of("second").wire)]
 
@@ -133,8 +133,8 @@ async def test_outboxes_with_more_than_a_batch_take_turns() -> None:
     writer = Writer(SEND_TIMEOUT)
     a, b = attach(writer, FakeLane("a", log)), attach(writer, FakeLane("b", log))
     for outbox in (a, b):
-        outbox.send_nowait(Frame.of(big))
-        outbox.send_nowait(Frame.of(big))
+        outbox.offer(Frame.of(big))
+        outbox.offer(Frame.of(big))
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             await tg.start(writer.run)
@@ -151,11 +151,11 @@ async def test_a_paused_lane_parks_its_outbox_until_it_resumes() -> None:
     lane.paused = True
     async with running_writer() as writer:
         outbox = attach(writer, lane)
-        outbox.send_nowait(Frame.of("held"))
+        outbox.offer(Frame.of("held"))
         await wait_until(lambda: lane.parked is not None)
         assert lane.parked is not None
         assert lane.parked[1] == SEND_TIMEOUT
-        outbox.send_nowait(Frame.of("also held"))
+        outbox.offer(Frame.of("also held"))
         assert log == []
         lane.resume()
         await wait_until(lambda: writer.statistics().written == 1)
@@ -170,7 +170,7 @@ async def test_a_lane_that_stays_paused_fails_its_outbox_with_send_timeout() -> 
     lane.paused = True
     async with running_writer() as writer:
         outbox = attach(writer, lane, failures)
-        outbox.send_nowait(Frame.of("never read"))
+        outbox.offer(Frame.of("never read"))
         await wait_until(lambda: lane.parked is not None)
         lane.time_out()
     assert [(type(e), e.cause) for e in failures if isinstance(e, SlowConsumer)] == [
@@ -188,8 +188,8 @@ async def test_a_broken_lane_closes_its_outbox_and_spares_the_others() -> None:
     broken.broken = True
     async with running_writer() as writer:
         dead, alive = attach(writer, broken), attach(writer, FakeLane("alive", log))
-        dead.send_nowait(Frame.of("lost"))
-        alive.send_nowait(Frame.of("kept"))
+        dead.offer(Frame.of("lost"))
+        alive.offer(Frame.of("kept"))
         await wait_until(lambda: writer.statistics().written == 1)
     assert dead.statistics().closed
     assert log == [("alive", Frame.of("kept").wire)]
@@ -209,7 +209,7 @@ async def test_a_crashing_writer_is_logged_and_stops_the_server() -> None:
     with capture_logs() as logs, pytest.RaisesGroup(RuntimeError), anyio.fail_after(10):
         async with live.lifespan():
             outbox = attach(live.writer, ExplodingLane("boom", []))
-            outbox.send_nowait(Frame.of("x"))
+            outbox.offer(Frame.of("x"))
             await anyio.sleep_forever()
     assert failures == ["stop"]
     crashes = [e for e in logs if e["event"] == "actor_crashed"]

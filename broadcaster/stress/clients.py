@@ -290,7 +290,11 @@ class Receiver(WSListener):
 
 
 async def connect(
-    url: str, listener: WSListener, *, receive_buffer: int = FREE_RECEIVE_BUFFER
+    url: str,
+    listener: WSListener,
+    *,
+    receive_buffer: int = FREE_RECEIVE_BUFFER,
+    source: str | None = None,
 ) -> WSTransport:
     """Open a WebSocket to ``url`` with picows and return its transport.
 
@@ -302,6 +306,7 @@ async def connect(
         listener: receives the connection's frames.
         receive_buffer: ``SO_RCVBUF`` for the socket, set before it connects so that the
             TCP window is that small from the start.
+        source: the local address to connect from; ``None`` lets the kernel choose.
 
     Raises:
         OSError: the connection failed (``TimeoutError`` for a handshake that took too long).
@@ -313,6 +318,8 @@ async def connect(
         # IPPROTO_TCP given, not left 0: asyncio sets TCP_NODELAY only on such sockets.
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        if source is not None:
+            sock.bind((source, 0))
         return sock
 
     transport, _ = await ws_connect(

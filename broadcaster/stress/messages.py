@@ -43,6 +43,8 @@ class WorkerPlan:
         receive_buffer: ``SO_RCVBUF`` of slow and stalled clients.
         connect_timeout: seconds one connection and subscription may take.
         progress_seconds: how often the worker reports progress.
+        source_addresses: receivers connect from 127.0.0.1 to 127.0.0.N in turn, each with
+            its own range of ephemeral ports; 1 leaves the choice to the kernel.
     """
 
     index: int
@@ -59,6 +61,7 @@ class WorkerPlan:
     receive_buffer: int
     connect_timeout: float
     progress_seconds: float
+    source_addresses: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +123,15 @@ class Published:
     """Publisher's worker to parent: what was published."""
 
     result: PublisherResult
+
+
+@dataclass(frozen=True, slots=True)
+class Drained:
+    """Receivers' worker to parent: each receiver has had everything published, or its drain
+    time ran out; sent before the clients close, so that the parent can take the server's CPU
+    time just after the last receipt."""
+
+    worker: int
 
 
 @dataclass(frozen=True, slots=True)

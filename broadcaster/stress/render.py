@@ -193,12 +193,20 @@ def _server_line(server: ServerReport) -> str:
     def mib(value: float | None) -> str:
         return f"{value:.1f} MiB" if value is not None else "-"
 
+    cpu_time = ""
+    if server.cpu_seconds is not None and server.cpu_window_seconds is not None:
+        cpu_time = (
+            f", {server.cpu_seconds:.2f} s of CPU in the {server.cpu_window_seconds:.1f} s "
+            "from the first publish to the last receipt"
+        )
+    if server.cpus:
+        cpu_time += f" on cores {','.join(map(str, server.cpus))}"
     return (
         f"server (pid {server.pid}): RSS idle {mib(server.rss_idle_mib)}, at start "
         f"{mib(server.rss_start_mib)}, peak {mib(server.rss_peak_mib)} (growth "
         f"{mib(server.rss_growth_mib)}), end {mib(server.rss_end_mib)}; CPU while publishing "
-        f"mean {_percent(server.cpu_mean_percent)}, peak {_percent(server.cpu_peak_percent)}; "
-        f"exit status {server.exit_status}; {server.error_lines} error lines logged"
+        f"mean {_percent(server.cpu_mean_percent)}, peak {_percent(server.cpu_peak_percent)}"
+        f"{cpu_time}; exit status {server.exit_status}; {server.error_lines} error lines logged"
     )
 
 

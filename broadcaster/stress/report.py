@@ -39,6 +39,9 @@ class Outcome:
     bin_seconds: float
     t0: float
     publish_end: float
+    drained_at: float
+    server_cpu_seconds: float | None
+    server_cpus: tuple[int, ...]
     samples: list[Sample]
     receiver_samples: list[list[Sample]]
     publisher_samples: list[Sample]
@@ -90,7 +93,12 @@ class KindReport:
 @dataclass(frozen=True, slots=True)
 class ServerReport:
     """The spawned server's memory and CPU (samples are seconds from the start of publishing,
-    MiB and percent of a core) and how it ended."""
+    MiB and percent of a core) and how it ended.
+
+    ``cpu_seconds`` is the CPU time (user and system) it used from just before the first
+    publish to just after the last receipt, which took ``cpu_window_seconds``; ``cpus`` are
+    the cores it was kept on (empty when it was not pinned).
+    """
 
     pid: int | None
     exit_status: int | None
@@ -101,6 +109,9 @@ class ServerReport:
     rss_growth_mib: float | None
     cpu_mean_percent: float | None
     cpu_peak_percent: float | None
+    cpu_seconds: float | None
+    cpu_window_seconds: float | None
+    cpus: list[int]
     error_lines: int
     errors: list[str]
     samples: list[tuple[float, float, float]] = field(repr=False)
@@ -281,6 +292,11 @@ def _server_report(outcome: Outcome) -> ServerReport:
         rss_growth_mib=peak - start if peak is not None and start is not None else None,
         cpu_mean_percent=_mean_cpu(samples, outcome),
         cpu_peak_percent=max(s.cpu_percent for s in during) if during else None,
+        cpu_seconds=outcome.server_cpu_seconds,
+        cpu_window_seconds=(
+            outcome.drained_at - outcome.t0 if outcome.server_cpu_seconds is not None else None
+        ),
+        cpus=list(outcome.server_cpus),
         error_lines=outcome.error_count,
         errors=outcome.errors,
         samples=[(s.at - outcome.t0, s.rss_mib, s.cpu_percent) for s in samples],

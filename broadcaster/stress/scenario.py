@@ -5,13 +5,15 @@ one for the publisher (``multiprocessing`` with the spawn context, each on its o
 loop), and steps them through the phases: connect, publish for ``duration``, drain, report.
 It waits on the workers' pipes, and between messages samples the server and the workers and
 reports progress. Every phase has a deadline; a worker that dies or fails ends the run with
-:class:`StressError`.
+:class:`StressError`. The server's CPU time is taken just before the publisher starts and
+again once every receiving worker says :class:`Drained`, just after the last receipt.
 """
 
 from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from broadcaster.protocol import Mode
 from broadcaster.stress.clients import Kind
 from broadcaster.stress.messages import (
     ClientSpec,
+    Drained,
     Failed,
     Finish,
     KindProgress,
@@ -37,7 +40,7 @@ from broadcaster.stress.messages import (
 from broadcaster.stress.publisher import PublisherPlan, PublisherResult, Via
 from broadcaster.stress.registry import leftover, wait_listed
 from broadcaster.stress.report import Outcome, Report, summarise
-from broadcaster.stress.spawned import Sample, Sampler, ServerFailed, SpawnedServer
+from broadcaster.stress.spawned import Sample, Sampler, ServerFailed, SpawnedServer, can_pin, pin
 from broadcaster.stress.worker import main, raise_file_limit
 
 if TYPE_CHECKING:
@@ -92,6 +95,11 @@ class Scenario:
         seed: seeds every random choice (churn stays).
         receive_buffer: ``SO_RCVBUF`` of slow and stalled clients.
         connect_timeout: seconds one connection and subscription may take.
+        server_cpus: cores a spawned server is kept on; empty leaves it where it runs.
+        load_cpus: cores the worker processes are kept on; empty leaves them where they run.
+        source_addresses: receivers connect from 127.0.0.1 to 127.0.0.N in turn, to get past
+            the ephemeral ports of one address (about 28,000 on Linux) to a server on this
+            machine; 1 lets the kernel choose.
     """
 
     url: str | None = None
@@ -116,6 +124,9 @@ class Scenario:
     seed: int = 0
     receive_buffer: int = 8192
     connect_timeout: float = 10.0
+    server_cpus: tuple[int, ...] = ()
+    load_cpus: tuple[int, ...] = ()
+    source_addresses: int = 1
 
     def counts(self) -> dict[Kind, int]:
         """Clients of each kind."""
@@ -154,8 +165,24 @@ class Scenario:
             (self.churn_stay > 0, "--churn-stay must be more than 0"),
             (self.receive_buffer >= 1024, "--receive-buffer must be at least 1024"),
             (self.connect_timeout > 0, "--connect-timeout must be more than 0"),
+            (1 <= self.source_addresses <= 254, "source addresses must be from 1 to 254"),
         ]
-        return problems + [message for ok, message in checks if not ok]
+        return problems + [message for ok, message in checks if not ok] + self._cpu_problems()
+
+    def _cpu_problems(self) -> list[str]:
+        if not (self.server_cpus or self.load_cpus):
+            return []
+        if not can_pin():
+            return ["--server-cpus and --load-cpus need os.sched_setaffinity (Linux)"]
+        cores = os.cpu_count() or 1
+        problems = [
+            f"--{name} {','.join(map(str, cpus))}: this machine has cores 0 to {cores - 1}"
+            for name, cpus in (("server-cpus", self.server_cpus), ("load-cpus", self.load_cpus))
+            if not set(cpus) <= set(range(cores))
+        ]
+        if self.server_cpus and self.url is not None:
+            problems.append("--server-cpus applies to a spawned server only (--spawn)")
+        return problems
 
 
 @dataclass(slots=True)
@@ -168,6 +195,7 @@ class _Handle:
     sampler: Sampler
     ready: Ready | None = None
     started: bool = False
+    drained: bool = False
     done: bool = False
     closed: bool = False
 
@@ -195,7 +223,11 @@ def run_scenario(
         return summarise(runner.outcome())
     server = SpawnedServer(scenario.server_env, scenario.server_command)
     try:
-        runner = _Runner(scenario, server.start(STARTUP_SECONDS), server, on_progress)
+        url = server.start(STARTUP_SECONDS)
+        if scenario.server_cpus:
+            assert server.pid is not None  # set by start()
+            pin(server.pid, scenario.server_cpus)
+        runner = _Runner(scenario, url, server, on_progress)
         runner.run()
     except ServerFailed as error:
         raise StressError(str(error)) from None
@@ -226,6 +258,10 @@ class _Runner:
         self.phase = "connecting"
         self.t0 = 0.0
         self.publish_end = 0.0
+        # The server's CPU seconds just before the first publish and after the last receipt.
+        self.cpu_start: float | None = None
+        self.cpu_end: float | None = None
+        self.drained_at = 0.0
         self.progress: dict[int, Progress] = {}
         self.published: PublisherResult | None = None
         self.results: list[Results] = []
@@ -244,6 +280,8 @@ class _Runner:
                 process.start()
                 child.close()
                 assert process.pid is not None  # set by start()
+                if self.scenario.load_cpus:
+                    pin(process.pid, self.scenario.load_cpus)
                 self.handles.append(_Handle(plan, process, parent, Sampler(process.pid)))
             self._steps()
         finally:
@@ -268,6 +306,13 @@ class _Runner:
             bin_seconds=self.bin_seconds,
             t0=self.t0,
             publish_end=self.publish_end,
+            drained_at=self.drained_at,
+            server_cpu_seconds=(
+                self.cpu_end - self.cpu_start
+                if self.cpu_start is not None and self.cpu_end is not None
+                else None
+            ),
+            server_cpus=self.scenario.server_cpus if server else (),
             samples=list(server.sampler.samples) if server and server.sampler else [],
             receiver_samples=[h.sampler.samples for h in self.handles if not h.plan.publisher],
             publisher_samples=next(h.sampler.samples for h in self.handles if h.plan.publisher),
@@ -299,6 +344,7 @@ class _Runner:
         self._pump(
             lambda: all(h.started for h in receivers), CONNECT_SECONDS, "while receivers started"
         )
+        self.cpu_start = self._server_cpu()
         self.t0 = time.monotonic()
         self.phase = "publishing"
         for handle in self.handles:
@@ -359,6 +405,7 @@ class _Runner:
                 receive_buffer=scenario.receive_buffer,
                 connect_timeout=scenario.connect_timeout,
                 progress_seconds=TICK_SECONDS,
+                source_addresses=scenario.source_addresses,
             )
             for index, (share, plan) in enumerate(groups)
         ]
@@ -399,6 +446,12 @@ class _Runner:
             handle.ready = message
         elif isinstance(message, Started):
             handle.started = True
+        elif isinstance(message, Drained):
+            handle.drained = True
+            receivers = [h for h in self.handles if h.plan.publisher is None]
+            if all(h.drained for h in receivers):
+                self.cpu_end = self._server_cpu()
+                self.drained_at = time.monotonic()
         elif isinstance(message, Progress):
             self.progress[message.worker] = message
         elif isinstance(message, Published):
@@ -437,6 +490,10 @@ class _Runner:
                 server=self.last_sample,
             )
         )
+
+    def _server_cpu(self) -> float | None:
+        sampler = self.server.sampler if self.server is not None else None
+        return sampler.cpu_seconds() if sampler is not None else None
 
     def _wait_subscribed(self) -> bool:
         """Wait until the server lists every raw connection; a raw socket has no ack."""

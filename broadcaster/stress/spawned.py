@@ -5,7 +5,8 @@ way) with the given ``BROADCASTER_*`` variables and JSON logs. The port comes fr
 log line (``server_starting``); a thread reads its stderr for as long as it runs, so that a
 full pipe never blocks it, and counts the lines logged at error level. A :class:`Sampler`
 (psutil) samples its memory and CPU, as it does the load generator's own processes; at the
-end the server gets SIGTERM, and its exit status is kept.
+end the server gets SIGTERM, and its exit status is kept. :func:`pin` keeps a process, every
+thread of it, on chosen cores.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Collection, Mapping, Sequence
     from typing import IO
 
 # Error-level lines kept word for word for the report; the rest are only counted.
@@ -47,11 +48,13 @@ class Sample:
         at: seconds on ``time.monotonic()``.
         rss_mib: resident set size.
         cpu_percent: CPU time used since the previous sample, per wall time (100 = a core).
+        cpu_seconds: CPU time (user and system) the process has used since it started.
     """
 
     at: float
     rss_mib: float
     cpu_percent: float
+    cpu_seconds: float = 0.0
 
 
 class Sampler:
@@ -79,9 +82,44 @@ class Sampler:
         if self._last_cpu is not None and now > self._last_cpu[0]:
             percent = 100 * (cpu - self._last_cpu[1]) / (now - self._last_cpu[0])
         self._last_cpu = (now, cpu)
-        sample = Sample(now, rss / MIB, percent)
+        sample = Sample(now, rss / MIB, percent, cpu)
         self.samples.append(sample)
         return sample
+
+    def cpu_seconds(self) -> float | None:
+        """Return the CPU time (user and system) the process has used; ``None`` once gone."""
+        try:
+            times = self._process.cpu_times()
+        except psutil.Error:
+            return None
+        return float(times.user + times.system)
+
+
+def can_pin() -> bool:
+    """Say whether this platform can keep a process on chosen cores (Linux can)."""
+    return hasattr(os, "sched_setaffinity") and hasattr(os, "sched_getaffinity")
+
+
+def pin(pid: int, cpus: Collection[int]) -> None:
+    """Keep process ``pid`` on ``cpus``: each of its threads now, and so every later thread.
+
+    ``os.sched_setaffinity`` on a process id moves only its main thread; threads already
+    running keep their own affinity, so each is moved. Threads started later inherit it.
+
+    Raises:
+        OSError: a core is not available, or the process has gone.
+    """
+    try:
+        threads = [thread.id for thread in psutil.Process(pid).threads()]
+    except psutil.Error as error:
+        raise ProcessLookupError(f"process {pid}: {error}") from None
+    for thread in threads:
+        try:
+            os.sched_setaffinity(thread, cpus)
+        except ProcessLookupError:
+            if thread == pid:
+                raise
+            # A thread that ended meanwhile needs no affinity.
 
 
 # Every fake client comes from this machine's one address, and the publisher sends as fast

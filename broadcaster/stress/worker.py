@@ -6,7 +6,8 @@ clients and says :class:`Ready`. On :class:`Start` receivers begin counting and 
 publishes and answers :class:`Published`, while slow receivers ration their reading and churn
 ones come and go. On :class:`Finish` receivers read freely until they have the last message of
 their topic, the connection ends or the drain time runs out (``duration`` + ``drain`` seconds
-after the start, however late Finish arrives), then close and answer :class:`Results`. Every
+after the start, however late Finish arrives), say :class:`Drained`, then close and answer
+:class:`Results`. Every
 wait is bounded; a closed pipe means the parent is gone, and the worker stops.
 """
 
@@ -38,6 +39,7 @@ from broadcaster.stress.messages import (
     ClientResult,
     ClientSpec,
     Command,
+    Drained,
     Failed,
     Finish,
     KindProgress,
@@ -140,12 +142,20 @@ def main(plan: WorkerPlan, pipe: Connection) -> None:
 
 
 def raise_file_limit(connections: int) -> None:
-    """Raise the soft limit on open files, up to the hard limit, to fit ``connections``."""
+    """Raise the limit on open files to fit ``connections``: the hard limit too where the
+    process may (as root), else the soft one up to the hard. Processes started afterwards (a
+    spawned server) inherit it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = connections + 256
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return
+        except (ValueError, OSError):
+            wanted = hard  # not permitted: as far as the hard limit goes
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 class Worker:
@@ -164,6 +174,8 @@ class Worker:
             for number, spec in enumerate(plan.clients)
         ]
         self.publisher = Publisher(plan.publisher) if plan.publisher else None
+        # Receivers connected so far, to spread them over the plan's source addresses.
+        self._opened = 0
 
     async def run(self) -> None:
         """Connect, wait for Start, run the phases, report."""
@@ -241,11 +253,16 @@ class Worker:
         raw = plan.mode is Mode.RAW
         receiver = Receiver(client.tally, raw=raw)
         small = client.spec.kind in (Kind.SLOW, Kind.STALLED)
+        source = None
+        if plan.source_addresses > 1:
+            self._opened += 1
+            source = f"127.0.0.{1 + self._opened % plan.source_addresses}"
         with anyio.fail_after(plan.connect_timeout):
             transport = await connect(
                 f"{plan.base_url}/ws/{topic}" if raw else f"{plan.base_url}/ws",
                 receiver,
                 receive_buffer=plan.receive_buffer if small else FREE_RECEIVE_BUFFER,
+                source=source,
             )
             if not raw:
                 await subscribe(transport, receiver, topic)
@@ -287,6 +304,7 @@ class Worker:
         with anyio.move_on_after(max(deadline_ns - time.time_ns(), 0) / 1e9):
             for receiver, _ in receivers:
                 await receiver.finished.wait()
+        self.pipe.send(Drained(self.plan.index))
         for client in self.clients:
             if client.receiver is not None and client.spec.kind is not Kind.CHURN:
                 # A client that left itself did so at the deadline, before it caught up.
