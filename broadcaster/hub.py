@@ -252,6 +252,8 @@ class Hub:
         Raises:
             HubBusy: the mailbox is full.
             HubStopped: the hub is not running.
+            BackplaneDown: history is shared and the broker that numbers it is down (the
+                receipt fails with it too if the broker is lost before it numbers this one).
         """
         if self._mailbox is None:
             raise HubStopped
@@ -272,6 +274,8 @@ class Hub:
 
         Called from the hub's event loop thread, it runs between two of the hub's commands,
         like one of them. A topic without a stream gets one, so that its position is known.
+        With history shared through a broker the hub keeps none: ask the bridge
+        (``Bridge.page``) instead.
 
         Raises:
             HubStopped: the hub is not running.
