@@ -48,7 +48,7 @@ from broadcaster.mailbox import (
 )
 from broadcaster.protocol import Frame, Mode, Payload, Position, control_frame, error_frame
 from broadcaster.shared_topics import Topic, begin, finish, publish
-from broadcaster.stream import Entry, History, HistoryStatistics
+from broadcaster.stream import Entry, History, HistoryStatistics, Outcome
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -395,7 +395,9 @@ class Hub:
         if topic is None or topic.pending.get(subscriber) is not command.request:
             return  # it unsubscribed or left meanwhile, or subscribed again since
         if command.outcome is not None:
-            self._recoveries[command.outcome] += 1
+            # Live messages overflowed while the broker answered: more than can be caught up.
+            overflowed = command.request.buffer is None
+            self._recoveries[Outcome.OVER_LIMIT if overflowed else command.outcome] += 1
         if not finish(topic, subscriber, command):
             self._remove(subscriber, command.topic)
 

@@ -335,3 +335,26 @@ def test_a_numbered_message_carries_its_position() -> None:
     assert decode_positioned(message) == (Position("E1", 42), HERE, Payload("x"))
     with pytest.raises(ValueError, match="numbered"):
         decode_positioned(encode(HERE, Payload("x")))
+
+
+async def test_a_pending_subscribe_whose_buffer_overflows_is_not_recovered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past PENDING_MAX live messages while the broker answers, the resume says
+    recovered: false, replays nothing and goes on with the live messages."""
+    monkeypatch.setattr("broadcaster.shared_topics.PENDING_MAX", 2)
+    sequencer = FakeSequencer()
+    hub = make_hub(sequencer)
+    async with running(hub):
+        subscriber = make_subscriber()
+        hub.join(subscriber)
+        await hub.subscribe(subscriber, "t", since=Position("E", 1))
+        await settle()
+        [request] = sequencer.requests
+        await place(hub, 2, 3, 4)
+        await hub.recovered(answer(request, 2, [2]))
+        await place(hub, 5)
+        received = await frames(subscriber, 2)
+    assert received[0]["recovered"] is False
+    assert seqs(received) == [5]
+    assert hub.statistics().recoveries == {"over_limit": 1}

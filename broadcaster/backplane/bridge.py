@@ -100,6 +100,7 @@ class Bridge:
         self._inbound: MemoryObjectReceiveStream[Incoming]
         self._wanted: set[str] = set()
         self._subscribed: set[str] = set()
+        self._leaving: set[str] = set()
         self._changed = anyio.Event()
         self._reconciled = anyio.Event()
         self._recoverer = Recoverer(
@@ -270,6 +271,7 @@ class Bridge:
         self._up = False
         self._error = error
         self._subscribed.clear()
+        self._leaving.clear()
         # What was waiting for the lost link will not be sent: count it with the outage.
         left = self._fail_waiting(error)
         if left:
@@ -363,9 +365,9 @@ class Bridge:
     async def _subscribed_to(self, topic: str) -> bool:
         """Wait until the broker subscription for ``topic`` is in place; ``False`` if the
         topic is no longer wanted."""
-        while topic not in self._subscribed and topic in self._wanted:
+        while (topic not in self._subscribed or topic in self._leaving) and topic in self._wanted:
             await self._reconciled.wait()
-        return topic in self._subscribed
+        return topic in self._subscribed and topic not in self._leaving
 
     async def _follow_wanted(self, link: Link) -> None:
         while True:
@@ -380,6 +382,9 @@ class Bridge:
             old = sorted(self._subscribed - self._wanted)
             if not new and not old:
                 return
+            # A topic on its way out is not trusted by a resume's read, even if it is wanted
+            # again meanwhile: what is published before it is subscribed again would be lost.
+            self._leaving.update(old)
             with anyio.fail_after(self._timeout):
                 if new:
                     await link.subscribe(new)
@@ -387,6 +392,7 @@ class Bridge:
                     await link.unsubscribe(old)
             self._subscribed.update(new)
             self._subscribed.difference_update(old)
+            self._leaving.clear()
             self._reconciled.set()
             self._reconciled = anyio.Event()
 
