@@ -27,7 +27,7 @@ from tests.test_bridge import HERE, FakeLink
 from tests.test_hub import make_subscriber, running, settle, take
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
 
     from broadcaster.mailbox import Subscriber
 
@@ -358,3 +358,73 @@ async def test_a_pending_subscribe_whose_buffer_overflows_is_not_recovered(
     assert received[0]["recovered"] is False
     assert seqs(received) == [5]
     assert hub.statistics().recoveries == {"over_limit": 1}
+
+
+class GatedBroker:
+    """Links whose unsubscribes wait for ``gate``, and whose reads note the link's topics."""
+
+    def __init__(self) -> None:
+        self.gate = anyio.Event()
+        self.unsubscribing = anyio.Event()
+        self.reads: list[tuple[set[str], bool]] = []
+        self.links: list[FakeLink] = []
+
+    @asynccontextmanager
+    async def connect(self) -> AsyncIterator[FakeLink]:
+        await anyio.lowlevel.checkpoint()
+        link = FakeLink()
+        self.links.append(link)
+        unsubscribe = link.unsubscribe
+
+        async def gated(topics: Sequence[str]) -> None:
+            self.unsubscribing.set()
+            await self.gate.wait()
+            await unsubscribe(topics)
+
+        async def read(topic: str, start: int, count: int) -> Slice:
+            self.reads.append((set(link.topics), self.gate.is_set()))
+            return Slice("E", 0, [])
+
+        link.unsubscribe = gated  # type: ignore[method-assign]
+        link.read = read  # type: ignore[attr-defined]
+        try:
+            yield link
+        finally:
+            link.close()
+
+
+async def test_a_read_waits_for_a_topic_being_unsubscribed_to_be_subscribed_again() -> None:
+    """A topic wanted again while its broker subscription is being dropped is read only once
+    it is subscribed again: nothing published in between can be missed."""
+    broker = GatedBroker()
+    answers: list[RecoveredCommand] = []
+
+    async def answer_(command: RecoveredCommand) -> None:
+        answers.append(command)
+
+    async def deliver(topic: str, payload: Payload) -> None:
+        raise AssertionError("nothing is delivered unnumbered")
+
+    options: dict[str, Any] = {"backplane_reconnect_min": 0.001, "backplane_reconnect_max": 0.002}
+    bridge = Bridge(
+        broker, HERE, Settings(**options), get_logger("test"), jitter=lambda: 0.0, sequenced=True
+    )
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(
+                lambda task_status: bridge.run(deliver, answer=answer_, task_status=task_status)
+            )
+            await wait_until(lambda: bridge.statistics().up)
+            bridge.topic_opened("t")
+            await wait_until(lambda: bridge.statistics().subscribed == 1)
+            bridge.topic_closed("t")
+            await broker.unsubscribing.wait()
+            bridge.topic_opened("t")
+            assert bridge.recover(PendingSubscribe(make_subscriber(), "t", None, None))
+            await anyio.wait_all_tasks_blocked()
+            assert broker.reads == []
+            broker.gate.set()
+            await wait_until(lambda: bool(answers))
+            tg.cancel_scope.cancel()
+    assert broker.reads == [({"t"}, True)]
+    assert len(broker.links) == 1
