@@ -4,31 +4,20 @@ of a resume's read with the live messages, refusals, epochs; and the pure read r
 from __future__ import annotations
 
 import json
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import pytest
 import structlog
 
-from broadcaster.backplane import decode_positioned, encode
-from broadcaster.backplane.bridge import Bridge
-from broadcaster.backplane.recoverer import READ_TRIES
 from broadcaster.backplane.shared import Slice, judge, judge_page, read_start
 from broadcaster.errors import BackplaneDown
 from broadcaster.hub import Hub
-from broadcaster.log import get_logger
 from broadcaster.mailbox import PendingReceipt, PendingSubscribe, RecoveredCommand, Source
 from broadcaster.protocol import Mode, Payload, Position
-from broadcaster.settings import Settings
 from broadcaster.stream import Outcome
-from tests.support import wait_until
-from tests.test_bridge import HERE, FakeLink
 from tests.test_hub import make_subscriber, running, settle, take
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
-
     from broadcaster.mailbox import Subscriber
 
 
@@ -267,76 +256,6 @@ def test_judge_follows_the_memory_histories_rules() -> None:
     assert judge_page(Position("E", 5), full) == (True, full.entries)
 
 
-class UnreadableBroker:
-    """Hands out links whose stream reads fail, as a Redis that errs on every read."""
-
-    def __init__(self) -> None:
-        self.links: list[FakeLink] = []
-        self.reads = 0
-
-    @asynccontextmanager
-    async def connect(self) -> AsyncIterator[FakeLink]:
-        await anyio.lowlevel.checkpoint()
-        link = FakeLink()
-        self.links.append(link)
-
-        async def read(topic: str, start: int, count: int) -> Slice:
-            self.reads += 1
-            raise BackplaneDown("redis: unreadable")
-
-        link.read = read  # type: ignore[attr-defined]
-        try:
-            yield link
-        finally:
-            link.close()
-
-
-async def test_a_read_that_keeps_failing_is_answered_with_the_error() -> None:
-    """Each failed read costs the link; after READ_TRIES the subscribe gets the error."""
-    broker = UnreadableBroker()
-    answers: list[RecoveredCommand] = []
-
-    async def answer_(command: RecoveredCommand) -> None:
-        answers.append(command)
-
-    async def deliver(topic: str, payload: Payload) -> None:
-        raise AssertionError("nothing is delivered unnumbered")
-
-    options: dict[str, Any] = {"backplane_reconnect_min": 0.001, "backplane_reconnect_max": 0.002}
-    bridge = Bridge(
-        broker,
-        HERE,
-        Settings(**options),
-        get_logger("test"),
-        jitter=lambda: 0.0,
-        sequenced=True,
-    )
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            await tg.start(
-                lambda task_status: bridge.run(deliver, answer=answer_, task_status=task_status)
-            )
-            await wait_until(lambda: bridge.statistics().up)
-            bridge.topic_opened("t")
-            request = PendingSubscribe(make_subscriber(), "t", Position("E", 1), None)
-            assert bridge.recover(request)
-            await wait_until(lambda: bool(answers))
-            tg.cancel_scope.cancel()
-    [command] = answers
-    assert command.request is request
-    assert command.error == "redis: unreadable"
-    assert broker.reads == READ_TRIES
-    assert len(broker.links) >= READ_TRIES
-
-
-def test_a_numbered_message_carries_its_position() -> None:
-    """The broker's message decodes to its position, node and payload; others are refused."""
-    message = b"sE1:42:" + encode(HERE, Payload("x"))
-    assert decode_positioned(message) == (Position("E1", 42), HERE, Payload("x"))
-    with pytest.raises(ValueError, match="numbered"):
-        decode_positioned(encode(HERE, Payload("x")))
-
-
 async def test_a_pending_subscribe_whose_buffer_overflows_is_not_recovered(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -358,73 +277,3 @@ async def test_a_pending_subscribe_whose_buffer_overflows_is_not_recovered(
     assert received[0]["recovered"] is False
     assert seqs(received) == [5]
     assert hub.statistics().recoveries == {"over_limit": 1}
-
-
-class GatedBroker:
-    """Links whose unsubscribes wait for ``gate``, and whose reads note the link's topics."""
-
-    def __init__(self) -> None:
-        self.gate = anyio.Event()
-        self.unsubscribing = anyio.Event()
-        self.reads: list[tuple[set[str], bool]] = []
-        self.links: list[FakeLink] = []
-
-    @asynccontextmanager
-    async def connect(self) -> AsyncIterator[FakeLink]:
-        await anyio.lowlevel.checkpoint()
-        link = FakeLink()
-        self.links.append(link)
-        unsubscribe = link.unsubscribe
-
-        async def gated(topics: Sequence[str]) -> None:
-            self.unsubscribing.set()
-            await self.gate.wait()
-            await unsubscribe(topics)
-
-        async def read(topic: str, start: int, count: int) -> Slice:
-            self.reads.append((set(link.topics), self.gate.is_set()))
-            return Slice("E", 0, [])
-
-        link.unsubscribe = gated  # type: ignore[method-assign]
-        link.read = read  # type: ignore[attr-defined]
-        try:
-            yield link
-        finally:
-            link.close()
-
-
-async def test_a_read_waits_for_a_topic_being_unsubscribed_to_be_subscribed_again() -> None:
-    """A topic wanted again while its broker subscription is being dropped is read only once
-    it is subscribed again: nothing published in between can be missed."""
-    broker = GatedBroker()
-    answers: list[RecoveredCommand] = []
-
-    async def answer_(command: RecoveredCommand) -> None:
-        answers.append(command)
-
-    async def deliver(topic: str, payload: Payload) -> None:
-        raise AssertionError("nothing is delivered unnumbered")
-
-    options: dict[str, Any] = {"backplane_reconnect_min": 0.001, "backplane_reconnect_max": 0.002}
-    bridge = Bridge(
-        broker, HERE, Settings(**options), get_logger("test"), jitter=lambda: 0.0, sequenced=True
-    )
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            await tg.start(
-                lambda task_status: bridge.run(deliver, answer=answer_, task_status=task_status)
-            )
-            await wait_until(lambda: bridge.statistics().up)
-            bridge.topic_opened("t")
-            await wait_until(lambda: bridge.statistics().subscribed == 1)
-            bridge.topic_closed("t")
-            await broker.unsubscribing.wait()
-            bridge.topic_opened("t")
-            assert bridge.recover(PendingSubscribe(make_subscriber(), "t", None, None))
-            await anyio.wait_all_tasks_blocked()
-            assert broker.reads == []
-            broker.gate.set()
-            await wait_until(lambda: bool(answers))
-            tg.cancel_scope.cancel()
-    assert broker.reads == [({"t"}, True)]
-    assert len(broker.links) == 1
