@@ -342,11 +342,13 @@ class WebSocketProtocol(asyncio.Protocol):
     def when_writable(
         self, callback: Callable[[], None], timeout: float, on_timeout: Callable[[], None]
     ) -> None:
-        """Call ``callback`` when the transport resumes, or ``on_timeout`` after ``timeout``."""
-        self.release()
+        """Call ``callback`` when the transport resumes, or ``on_timeout`` after ``timeout``;
+        parked again before then, the first deadline holds."""
+        parked = self._on_writable is not None
         self._on_writable = callback
-        self._cancel_timer()
-        self._timer = self._loop.call_later(timeout, self._parked_too_long, on_timeout)
+        if not parked:
+            self._cancel_timer()
+            self._timer = self._loop.call_later(timeout, self._parked_too_long, on_timeout)
 
     def release(self) -> None:
         """Forget the parked outbox, if any, and go back to pinging."""
