@@ -6,6 +6,7 @@ routes that reach it, so it can be mounted into an existing app as well as serve
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import time
@@ -24,12 +25,19 @@ from broadcaster.auth import Authenticator, Grant, origin_allowed
 from broadcaster.backplane import NODE_ID_BYTES, open_backplane
 from broadcaster.backplane.bridge import Bridge
 from broadcaster.connection import Connection
-from broadcaster.errors import SERVER_REFUSAL, HubBusy, HubStopped, ProtocolError, Refused
+from broadcaster.errors import (
+    SERVER_REFUSAL,
+    Flooding,
+    HubBusy,
+    HubStopped,
+    ProtocolError,
+    Refused,
+)
 from broadcaster.hub import Hub
 from broadcaster.log import get_logger
 from broadcaster.mailbox import Source, Subscriber
 from broadcaster.metrics import CONTENT_TYPE_LATEST, Metrics
-from broadcaster.policy import AddressLimiter
+from broadcaster.policy import AddressLimiter, PenaltyBox
 from broadcaster.protocol import (
     Payload,
     history_body,
@@ -154,6 +162,8 @@ class Broadcaster:
         self._handshakes = AddressLimiter(
             settings.max_handshakes_per_second, settings.handshake_addresses
         )
+        # Addresses whose connection was closed for flooding, refused for FLOOD_PENALTY.
+        self._penalties = PenaltyBox(settings.flood_penalty, settings.handshake_addresses)
         # WebSocket connections admitted and not yet ended, for BROADCASTER_MAX_CONNECTIONS.
         self._open = 0
         self.router = self._routes()
@@ -241,7 +251,7 @@ class Broadcaster:
         self._open += 1
         try:
             await websocket.accept()
-            await Connection(
+            closing = await Connection(
                 socket,
                 self.hub,
                 self.settings,
@@ -256,6 +266,8 @@ class Broadcaster:
             ).run()
         finally:
             self._open -= 1
+        if isinstance(closing, Flooding) and websocket.client is not None:
+            self._penalties.punish(websocket.client.host, time.monotonic())
 
     def _admit(self, websocket: WebSocket, topic: str | None) -> Grant:
         """Decide, before accepting, whether a handshake may open a connection.
@@ -263,14 +275,18 @@ class Broadcaster:
         The cheap checks come first, so that a flood costs as little as possible.
 
         Raises:
-            Refused: 503 ``draining`` or ``too_many_connections``, 429 ``rate_limited``,
+            Refused: 503 ``draining`` or ``too_many_connections``, 429 ``rate_limited`` or
+                ``flooding``,
                 403 ``origin_not_allowed``, ``missing_token``, ``invalid_token``,
                 ``token_expired`` or ``forbidden_topic``, 400 ``invalid_topic``.
         """
         if self.draining:
             raise Refused(503, "draining", "the server is shutting down")
-        address = websocket.client.host if websocket.client else ""
-        if not self._handshakes.allow(address, time.monotonic()):
+        address, now = websocket.client.host if websocket.client else "", time.monotonic()
+        if self._penalties.refuses(address, now):
+            retry = {"Retry-After": str(math.ceil(self.settings.flood_penalty))}
+            raise Refused(429, "flooding", "this address sent faster than it may", retry)
+        if not self._handshakes.allow(address, now):
             raise Refused(429, "rate_limited", "too many handshakes; retry shortly", RETRY)
         if not origin_allowed(websocket.headers.get("origin"), self.settings.allowed_origins):
             raise Refused(403, "origin_not_allowed", "pages of this origin may not connect")

@@ -10,6 +10,7 @@
     ├── BackplaneDown          the broker cannot be reached; the bridge reconnects
     └── Closing                the connection must be closed with ``code`` and ``reason``
         ├── SlowConsumer       1013: the client could not keep up
+        ├── Flooding           1008: the client sent faster than it may
         └── ShuttingDown       1001: the server is stopping
 
 A client that disconnects is not an error and has no exception here.
@@ -91,6 +92,14 @@ class SlowConsumer(Closing):
     def __init__(self, cause: LagCause) -> None:
         super().__init__(CloseCode.TRY_AGAIN_LATER, "slow consumer")
         self.cause = cause
+
+
+class Flooding(Closing):
+    """The client sent more frames or bytes a second than it may (close 1008,
+    ``rate limit exceeded``); its address may be refused for a while."""
+
+    def __init__(self) -> None:
+        super().__init__(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
 
 
 class ShuttingDown(Closing):
