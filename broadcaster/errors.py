@@ -25,6 +25,10 @@ from enum import IntEnum, StrEnum
 SERVER_REFUSAL = "broadcaster.server_refusal"
 
 
+# The header that tells a refused client to try again in a second.
+RETRY = {"Retry-After": "1"}
+
+
 class CloseCode(IntEnum):
     """WebSocket close codes the server sends (RFC 6455, section 7.4.1)."""
 
