@@ -6,6 +6,7 @@ routes that reach it, so it can be mounted into an existing app as well as serve
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import time
@@ -17,7 +18,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import anyio
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
-from starlette.requests import ClientDisconnect
 from starlette.websockets import WebSocketDisconnect
 
 from broadcaster.auth import Authenticator, Grant, origin_allowed
@@ -25,9 +25,9 @@ from broadcaster.backplane import NODE_ID_BYTES, open_backplane
 from broadcaster.backplane.bridge import Bridge
 from broadcaster.connection import Connection
 from broadcaster.errors import (
-    SERVER_REFUSAL,
+    RETRY,
     BackplaneDown,
-    HubBusy,
+    Flooding,
     HubStopped,
     ProtocolError,
     Refused,
@@ -36,15 +36,15 @@ from broadcaster.hub import Hub
 from broadcaster.log import get_logger
 from broadcaster.mailbox import Source, Subscriber
 from broadcaster.metrics import CONTENT_TYPE_LATEST, Metrics
-from broadcaster.policy import AddressLimiter
+from broadcaster.policy import AddressLimiter, PenaltyBox
 from broadcaster.protocol import (
     Payload,
     history_body,
     parse_history_query,
-    parse_json_body,
     parse_query_count,
     validate_topic,
 )
+from broadcaster.publishing import HTTPPublish
 from broadcaster.settings import MEMORY, Settings
 from broadcaster.stream import History
 from broadcaster.writer import FASTLANE, Writer
@@ -57,11 +57,6 @@ if TYPE_CHECKING:
     from broadcaster.outbox import OutboxStatistics
     from broadcaster.protocol import Frame
     from broadcaster.writer import Lane
-
-# Seconds a refused client is told to wait before it tries again.
-RETRY = {"Retry-After": "1"}
-# A publisher that left before its body arrived; 499 as nginx logs it, never sent.
-CLIENT_GONE = Refused(499, "client_disconnected", "the client left before its body arrived")
 
 
 class _StarletteSocket:
@@ -166,6 +161,11 @@ class Broadcaster:
         self._handshakes = AddressLimiter(
             settings.max_handshakes_per_second, settings.handshake_addresses
         )
+        self.publishing = HTTPPublish(
+            self.hub, self._auth, settings.max_message_bytes, self.count_refusal
+        )
+        # Addresses whose connection was closed for flooding, refused for FLOOD_PENALTY.
+        self._penalties = PenaltyBox(settings.flood_penalty, settings.handshake_addresses)
         # WebSocket connections admitted and not yet ended, for BROADCASTER_MAX_CONNECTIONS.
         self._open = 0
         self.router = self._routes()
@@ -255,7 +255,7 @@ class Broadcaster:
         self._open += 1
         try:
             await websocket.accept()
-            await Connection(
+            closing = await Connection(
                 socket,
                 self.hub,
                 self.settings,
@@ -270,6 +270,8 @@ class Broadcaster:
             ).run()
         finally:
             self._open -= 1
+        if isinstance(closing, Flooding) and websocket.client is not None:
+            self._penalties.punish(websocket.client.host, time.monotonic())
 
     def _admit(self, websocket: WebSocket, topic: str | None) -> Grant:
         """Decide, before accepting, whether a handshake may open a connection.
@@ -277,14 +279,18 @@ class Broadcaster:
         The cheap checks come first, so that a flood costs as little as possible.
 
         Raises:
-            Refused: 503 ``draining`` or ``too_many_connections``, 429 ``rate_limited``,
+            Refused: 503 ``draining`` or ``too_many_connections``, 429 ``rate_limited`` or
+                ``flooding``,
                 403 ``origin_not_allowed``, ``missing_token``, ``invalid_token``,
                 ``token_expired`` or ``forbidden_topic``, 400 ``invalid_topic``.
         """
         if self.draining:
             raise Refused(503, "draining", "the server is shutting down")
-        address = websocket.client.host if websocket.client else ""
-        if not self._handshakes.allow(address, time.monotonic()):
+        address, now = websocket.client.host if websocket.client else "", time.monotonic()
+        if self._penalties.refuses(address, now):
+            retry = {"Retry-After": str(math.ceil(self.settings.flood_penalty))}
+            raise Refused(429, "flooding", "this address sent faster than it may", retry)
+        if not self._handshakes.allow(address, now):
             raise Refused(429, "rate_limited", "too many handshakes; retry shortly", RETRY)
         if not origin_allowed(websocket.headers.get("origin"), self.settings.allowed_origins):
             raise Refused(403, "origin_not_allowed", "pages of this origin may not connect")
@@ -367,48 +373,8 @@ class Broadcaster:
 
         @router.post("/publish/{topic}")
         async def publish(topic: str, request: Request) -> Response:
-            peer = f"{request.client.host}:{request.client.port}" if request.client else None
-            try:
-                # Before the body is read: an unauthenticated client gets nothing read for it.
-                self._auth.authorize_publish(request.headers.get("authorization"), topic)
-                validate_topic(topic)
-                body = await self._read_body(request)
-            except ProtocolError as error:
-                raise HTTPException(400, error.detail) from None
-            except Refused as refused:
-                self.count_refusal(refused, peer)
-                raise HTTPException(refused.status, refused.detail, refused.headers) from None
-            except ClientDisconnect:
-                # Not an error: the client left mid-body, or the server cut the body off
-                # and counted that itself. Nobody is left to read an answer.
-                if not request.scope.get("extensions", {}).get(SERVER_REFUSAL):
-                    self.count_refusal(CLIENT_GONE, peer)
-                return Response(status_code=CLIENT_GONE.status)
-            try:
-                payload = self._http_payload(request, body)
-                pending = self.hub.publish_nowait(topic, payload, Source.HTTP)
-            except HubBusy:
-                raise HTTPException(
-                    503, "the hub is busy; retry shortly", headers={"Retry-After": "1"}
-                ) from None
-            except HubStopped:
-                raise HTTPException(503, "the hub is not running") from None
-            except BackplaneDown as error:
-                self.count_refusal(Refused(503, "backplane_down", str(error)), peer)
-                raise HTTPException(503, str(error), RETRY) from None
-            try:
-                receipt = await pending.wait()
-            except BackplaneDown as error:
-                self.count_refusal(Refused(503, "backplane_down", str(error)), peer)
-                raise HTTPException(503, str(error), RETRY) from None
-            return JSONResponse(
-                {
-                    "topic": receipt.topic,
-                    "epoch": receipt.epoch,
-                    "seq": receipt.seq,
-                    "subscribers": receipt.subscribers,
-                }
-            )
+            """Publish the body to ``topic``; answer with its receipt (see the README)."""
+            return await self.publishing.respond(topic, request.scope, request.receive)
 
         @router.get("/history/{topic}")
         async def history(topic: str, request: Request) -> Response:
@@ -473,39 +439,6 @@ class Broadcaster:
 
         return router
 
-    async def _read_body(self, request: Request) -> bytes:
-        """Read a publish's body, up to ``BROADCASTER_MAX_MESSAGE_BYTES``.
-
-        Raises:
-            Refused: 413 ``body_too_large``.
-        """
-        limit = self.settings.max_message_bytes
-        too_large = Refused(413, "body_too_large", f"the body is larger than {limit} bytes")
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise too_large
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
-        return bytes(body)
-
-    @staticmethod
-    def _http_payload(request: Request, body: bytes) -> Payload:
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type == "application/json":
-            try:
-                return parse_json_body(body)
-            except ProtocolError as error:
-                raise HTTPException(400, f"the body is not valid JSON: {error.detail}") from None
-        if media_type == "application/octet-stream":
-            return Payload(body)
-        try:
-            return Payload(body.decode())
-        except UnicodeDecodeError:
-            return Payload(body)
-
 
 def _describe(subscriber: Subscriber, stats: OutboxStatistics, now: float) -> dict[str, Any]:
     oldest = None if stats.oldest_born is None else round(now - stats.oldest_born, 3)
@@ -546,12 +479,12 @@ def create_app(
 
 
 class _App(FastAPI):
-    """FastAPI, with the broadcaster's own WebSocket upgrades served before its middleware
-    and router.
+    """FastAPI, with the broadcaster's WebSocket upgrades and HTTP publishes served before its
+    middleware and router.
 
-    Each handshake would otherwise pass through a dozen ASGI layers, and each connection keep
-    their coroutines for its whole life; the routes stay in the router (and the OpenAPI
-    schema) for apps that mount :attr:`Broadcaster.router` themselves.
+    Each handshake and publish would otherwise pass through a dozen ASGI layers, and each
+    connection keep their coroutines for its whole life; the routes stay in the router (and
+    the OpenAPI schema) for apps that mount :attr:`Broadcaster.router` themselves.
     """
 
     def __init__(self, live: Broadcaster, **options: Any) -> None:
@@ -559,9 +492,14 @@ class _App(FastAPI):
         self._live = live
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            topic = _path(scope)[len("/publish/") :]
+            if _path(scope).startswith("/publish/") and topic and "/" not in topic:
+                response = await self._live.publishing.respond(topic, scope, receive)
+                await response(scope, receive, send)
+                return
         if scope["type"] == "websocket":
-            path, root = scope["path"], scope.get("root_path", "")
-            path = path[len(root) :] if root and path.startswith(root) else path
+            path = _path(scope)
             if path == "/ws":
                 await self._live.serve(WebSocket(scope, receive, send), None)
                 return
@@ -570,3 +508,10 @@ class _App(FastAPI):
                 await self._live.serve(WebSocket(scope, receive, send), topic)
                 return
         await super().__call__(scope, receive, send)
+
+
+def _path(scope: Scope) -> str:
+    """The request's path below the app's root path."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path

@@ -22,6 +22,7 @@ from broadcaster.errors import (
     BackplaneDown,
     CloseCode,
     Closing,
+    Flooding,
     HubStopped,
     LagCause,
     ProtocolError,
@@ -185,8 +186,12 @@ class Connection:
         elif self._scope is not None:
             self._scope.cancel()
 
-    async def run(self) -> None:
-        """Serve until the client leaves, lags, or the server stops; then close the socket."""
+    async def run(self) -> Closing | None:
+        """Serve until the client leaves, lags, or the server stops; then close the socket.
+
+        Returns:
+            why the server closed the connection, or ``None`` if the client left.
+        """
         started = time.monotonic()
         self._totals.accepted += 1
         # Debug level, like a close the client chose: a reconnect storm of thousands must not
@@ -238,6 +243,7 @@ class Connection:
                 dropped=self.outbox.statistics().dropped,
                 seconds=round(time.monotonic() - started, 3),
             )
+        return closing
 
     def _count(self, closing: Closing | None) -> None:
         totals, stats = self._totals, self.outbox.statistics()
@@ -318,7 +324,7 @@ class Connection:
             raise Closing(CloseCode.MESSAGE_TOO_BIG, "message too big")
         now, (frames, size_limit) = self._clock(), limits
         if not (frames.take(1, now) and size_limit.take(size, now)):
-            raise Closing(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+            raise Flooding()
 
     def _raw_publish_refusal(self, topic: str) -> Closing | None:
         """What closes a raw-mode socket that sends a frame it may not publish."""

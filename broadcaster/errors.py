@@ -10,6 +10,7 @@
     ├── BackplaneDown          the broker cannot be reached; the bridge reconnects
     └── Closing                the connection must be closed with ``code`` and ``reason``
         ├── SlowConsumer       1013: the client could not keep up
+        ├── Flooding           1008: the client sent faster than it may
         └── ShuttingDown       1001: the server is stopping
 
 A client that disconnects is not an error and has no exception here.
@@ -22,6 +23,10 @@ from enum import IntEnum, StrEnum
 # The ASGI scope extension in which broadcaster's HTTP protocol records that it refused a
 # request itself (a body too slow, say) and counted it: ``{"error": CODE}`` once it has.
 SERVER_REFUSAL = "broadcaster.server_refusal"
+
+
+# The header that tells a refused client to try again in a second.
+RETRY = {"Retry-After": "1"}
 
 
 class CloseCode(IntEnum):
@@ -91,6 +96,14 @@ class SlowConsumer(Closing):
     def __init__(self, cause: LagCause) -> None:
         super().__init__(CloseCode.TRY_AGAIN_LATER, "slow consumer")
         self.cause = cause
+
+
+class Flooding(Closing):
+    """The client sent more frames or bytes a second than it may (close 1008,
+    ``rate limit exceeded``); its address may be refused for a while."""
+
+    def __init__(self) -> None:
+        super().__init__(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
 
 
 class ShuttingDown(Closing):

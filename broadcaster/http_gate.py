@@ -10,15 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from broadcaster.errors import Refused
+from broadcaster.errors import RETRY, Refused
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from broadcaster.settings import Settings
-
-# Seconds a refused client is told to wait before it tries again.
-RETRY = {"Retry-After": "1"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from wsproto.events import BytesMessage, Message, Ping, Pong, TextMessage
 
-from broadcaster.errors import CloseCode, Closing
+from broadcaster.errors import CloseCode, Closing, Flooding
 from broadcaster.policy import TokenBucket
 
 # Bytes of a client's messages the app may have waiting before reading from it stops, each
@@ -74,7 +74,7 @@ class Inbound:
         else:
             size = CLOSE_FRAME_BYTES
         if not (self._frames.take(1, now) and self._bytes.take(size, now)):
-            return Closing(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+            return Flooding()
         if isinstance(event, Message):
             self._parts_bytes += size
         return None

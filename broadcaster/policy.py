@@ -124,3 +124,42 @@ class AddressLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class PenaltyBox:
+    """Client addresses refused for a while, at most ``max_addresses`` of them.
+
+    When a new address would exceed the bound, the one whose penalty ends first is let go.
+
+    Args:
+        seconds: how long an address stays refused after :meth:`punish`; 0 refuses none.
+        max_addresses: how many addresses are remembered.
+    """
+
+    def __init__(self, seconds: float, max_addresses: int) -> None:
+        self._seconds = seconds
+        self._max_addresses = max_addresses
+        # Address to the end of its penalty; insertion order is the order penalties end.
+        self._until: OrderedDict[str, float] = OrderedDict()
+
+    def punish(self, address: str, now: float) -> None:
+        """Refuse ``address`` from ``now`` for the penalty's length."""
+        if self._seconds <= 0:
+            return
+        self._until.pop(address, None)
+        if len(self._until) >= self._max_addresses:
+            self._until.popitem(last=False)
+        self._until[address] = now + self._seconds
+
+    def refuses(self, address: str, now: float) -> bool:
+        """Whether ``address`` is serving a penalty at ``now``."""
+        until = self._until.get(address)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self._until[address]
+        return False
+
+    def __len__(self) -> int:
+        return len(self._until)

@@ -260,6 +260,13 @@ class Settings(BaseSettings):
         description="WebSocket handshakes a second from one client address (a second's worth "
         "in a burst); past it they get 429.",
     )
+    flood_penalty: Annotated[float, Field(ge=0)] = Field(
+        10.0,
+        description="Seconds a client address whose connection was closed for sending faster "
+        "than its rate limits allow is refused new WebSocket handshakes (429 flooding); 0 "
+        "turns it off. Behind a reverse proxy it needs FORWARDED_ALLOW_IPS, as the handshake "
+        "limit does, or every client shares the proxy's address.",
+    )
     handshake_timeout: PositiveFloat = Field(
         10.0,
         description="Seconds a new TCP connection has to send a whole HTTP request head (a "

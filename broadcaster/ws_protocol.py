@@ -9,9 +9,10 @@ lets every byte in and out of a socket sit under a bound:
   bytes-a-second budgets as it arrives, and a message's fragments count toward
   ``MAX_MESSAGE_BYTES`` as they arrive. A flood of any kind is closed with 1008, and one that
   is too big with 1009.
-- **Every byte sent is bounded.** Reading stops while writes are paused, so a client that
-  pings and never reads gets no more pongs than one read's worth past the transport's
-  high-water mark. Each socket's kernel send buffer is sized by ``SOCKET_SEND_BUFFER``
+- **Every byte sent is bounded.** Reading stops while writes are paused, and only the latest
+  ping is answered then, so a client that pings and never reads is owed one pong. Reading
+  also stops while the app has 64 KiB of the client's messages to read (see
+  :mod:`broadcaster.inbound`). Each socket's kernel send buffer is sized by ``SOCKET_SEND_BUFFER``
   rather than autotuned to megabytes, so a stalled peer backs up into its own bounded outbox,
   where the overflow policy decides.
 - **Our own close codes.** Keepalive pings that go unanswered close a client that left
@@ -342,11 +343,13 @@ class WebSocketProtocol(asyncio.Protocol):
     def when_writable(
         self, callback: Callable[[], None], timeout: float, on_timeout: Callable[[], None]
     ) -> None:
-        """Call ``callback`` when the transport resumes, or ``on_timeout`` after ``timeout``."""
-        self.release()
+        """Call ``callback`` when the transport resumes, or ``on_timeout`` after ``timeout``;
+        parked again before then, the first deadline holds."""
+        parked = self._on_writable is not None
         self._on_writable = callback
-        self._cancel_timer()
-        self._timer = self._loop.call_later(timeout, self._parked_too_long, on_timeout)
+        if not parked:
+            self._cancel_timer()
+            self._timer = self._loop.call_later(timeout, self._parked_too_long, on_timeout)
 
     def release(self) -> None:
         """Forget the parked outbox, if any, and go back to pinging."""

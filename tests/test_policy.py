@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broadcaster.policy import Action, AddressLimiter, Overflow, TokenBucket, decide
+from broadcaster.policy import Action, AddressLimiter, Overflow, PenaltyBox, TokenBucket, decide
 
 MAX_BYTES = 100
 LAG_TIMEOUT = 10.0
@@ -142,3 +142,26 @@ def test_the_address_table_stays_within_its_bound_forgetting_the_least_recent() 
     limiter.allow("d", now=1.0)  # forgets "b", the least recently seen
     assert not limiter.allow("a", now=1.0)
     assert len(limiter) == 3
+
+
+def test_a_penalty_refuses_an_address_until_it_ends() -> None:
+    """A punished address is refused for the penalty's length, others never."""
+    box = PenaltyBox(seconds=10, max_addresses=100)
+    box.punish("a", now=0)
+    assert (box.refuses("a", 9.9), box.refuses("b", 1), box.refuses("a", 10)) == (
+        True,
+        False,
+        False,
+    )
+    assert len(box) == 0
+
+
+def test_the_penalty_box_is_bounded_and_can_be_off() -> None:
+    """Past its bound the penalty that ends first is let go; a zero penalty refuses nobody."""
+    box = PenaltyBox(seconds=10, max_addresses=2)
+    for n, address in enumerate("abc"):
+        box.punish(address, now=n)
+    assert (len(box), box.refuses("a", 3), box.refuses("c", 3)) == (2, False, True)
+    off = PenaltyBox(seconds=0, max_addresses=2)
+    off.punish("a", now=0)
+    assert not off.refuses("a", 0)

@@ -16,7 +16,16 @@ from wsproto.events import CloseConnection, Ping
 
 from broadcaster.settings import Settings
 from broadcaster.ws_protocol import HIGH_WATER, WebSocketProtocol
-from tests.support import RawClient, client, receive_json, running_server, subscribe, wait_until
+from tests.support import (
+    RawClient,
+    client,
+    flood,
+    handshake_refusal,
+    receive_json,
+    running_server,
+    subscribe,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -247,3 +256,22 @@ async def test_messages_of_both_kinds_and_fragments_reach_the_app() -> None:
                 assert [await listener.recv(), await listener.recv()] == ["héllo", b"\x00\x01"]
             await raw.stream.send(frame(CLOSE, (1000).to_bytes(2, "big")))
             assert await close_seen(raw) == (1000, "")
+
+
+async def test_a_flooders_address_is_refused_for_the_penalty() -> None:
+    """After a close for flooding, the address gets 429 ``flooding`` until its penalty ends."""
+    settings = Settings(max_messages_per_second=100, flood_penalty=600, log_format="json")
+    async with running_server(settings) as live:
+        assert await flood(live.ws_url()) == (1008, "rate limit exceeded")
+        status, error, headers = await handshake_refusal(live.ws_url())
+        assert (status, error, headers["retry-after"]) == (429, "flooding", "600")
+        assert live.broadcaster.metrics.totals.refused["flooding"] == 1
+
+
+async def test_no_penalty_when_it_is_off() -> None:
+    """FLOOD_PENALTY=0 lets a flooder's address connect again at once."""
+    settings = Settings(max_messages_per_second=100, flood_penalty=0, log_format="json")
+    async with running_server(settings) as live:
+        assert await flood(live.ws_url()) == (1008, "rate limit exceeded")
+        async with client(live.ws_url()) as again:
+            await subscribe(again, "t")
