@@ -1,7 +1,8 @@
 """broadcaster: a WebSocket fan-out server where one slow client never stalls the others."""
 
 from broadcaster.app import Broadcaster, create_app
-from broadcaster.backplane.bridge import Bridge, BridgeStatistics
+from broadcaster.backplane.bridge import Bridge
+from broadcaster.backplane.episodes import BridgeStatistics
 from broadcaster.errors import (
     BackplaneDown,
     BroadcasterError,

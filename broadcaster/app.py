@@ -26,6 +26,7 @@ from broadcaster.backplane.bridge import Bridge
 from broadcaster.connection import Connection
 from broadcaster.errors import (
     RETRY,
+    BackplaneDown,
     Flooding,
     HubStopped,
     ProtocolError,
@@ -119,6 +120,9 @@ class Broadcaster:
         # Tells this node's publishes from other nodes' on the broker, and this worker from
         # others in /healthz.
         self.node = secrets.token_bytes(NODE_ID_BYTES)
+        # With history on a broker (Redis; NATS is refused at start), the broker numbers
+        # every topic's messages and keeps their history, shared by every node.
+        shared = settings.backplane != MEMORY and settings.history_messages > 0
         self.bridge = (
             None
             if settings.backplane == MEMORY
@@ -127,6 +131,7 @@ class Broadcaster:
                 self.node,
                 settings,
                 get_logger("broadcaster.backplane"),
+                sequenced=shared,
             )
         )
         self.metrics = Metrics(settings.overflow)
@@ -136,6 +141,7 @@ class Broadcaster:
             max_subscriptions=settings.max_subscriptions,
             observe_fanout=self.metrics.fanout_seconds.observe,
             relay=self.bridge,
+            sequencer=self.bridge if shared else None,
             history=History(
                 size=settings.history_messages,
                 max_bytes=settings.history_max_bytes,
@@ -178,7 +184,8 @@ class Broadcaster:
             await tg.start(self._supervise, "writer", self.writer.run)
             if self.bridge is not None:
                 deliver = partial(self.hub.publish_eagerly, source=Source.BACKPLANE)
-                await tg.start(self.bridge.run, deliver)
+                run = partial(self.bridge.run, place=self.hub.place, answer=self.hub.recovered)
+                await tg.start(run, deliver)
             tg.start_soon(self._drain_when_asked)
             yield
             tg.cancel_scope.cancel()
@@ -211,6 +218,7 @@ class Broadcaster:
         Raises:
             ProtocolError: ``topic`` is not a valid topic name.
             HubStopped: the hub is not running.
+            BackplaneDown: history is shared through a broker that is down.
         """
         await self.hub.publish(validate_topic(topic), Payload.from_data(data))
 
@@ -313,16 +321,26 @@ class Broadcaster:
         except ProtocolError as error:
             raise Refused(400, error.error, error.detail) from None
 
-    def _history(self, topic: str, request: Request) -> Response:
+    async def _history(self, topic: str, request: Request) -> Response:
         """Answer ``GET /history/{topic}``; the caller has checked the grant.
 
         Raises:
-            HTTPException: 400 on a bad parameter, 503 when the hub is not running.
+            HTTPException: 400 on a bad parameter, 503 when the hub is not running or the
+                broker that keeps a shared history is down.
         """
         try:
             since, limit = parse_history_query(request.query_params, self.settings.recovery_max)
         except ProtocolError as error:
             raise HTTPException(400, {"error": error.error, "detail": error.detail}) from None
+        if self.bridge is not None and self.bridge.sequenced:
+            try:
+                position, shared, entries = await self.bridge.page(topic, since, limit)
+            except BackplaneDown as error:
+                raise HTTPException(503, str(error), RETRY) from None
+            envelopes = [payload.envelope(topic, seq) for seq, payload in entries]
+            return Response(
+                history_body(topic, position, shared, envelopes), media_type="application/json"
+            )
         try:
             position, recovered, frames = self.hub.history(topic, since, limit)
         except HubStopped:
@@ -371,7 +389,7 @@ class Broadcaster:
             except Refused as refused:
                 self.count_refusal(refused, peer)
                 raise HTTPException(refused.status, refused.detail, refused.headers) from None
-            return self._history(topic, request)
+            return await self._history(topic, request)
 
         @router.get("/healthz")
         async def healthz() -> JSONResponse:

@@ -19,6 +19,7 @@ import anyio
 
 from broadcaster.auth import FULL, Grant
 from broadcaster.errors import (
+    BackplaneDown,
     CloseCode,
     Closing,
     Flooding,
@@ -279,7 +280,10 @@ class Connection:
             if self._topic is not None:
                 if raw_refusal is not None:
                     raise raw_refusal
-                await self._hub.publish_eagerly(self._topic, Payload(message), Source.WS)
+                try:
+                    await self._hub.publish_eagerly(self._topic, Payload(message), Source.WS)
+                except BackplaneDown:
+                    self._totals.refused["backplane_down"] += 1
                 continue
             await self.outbox.wait_control_room(CONTROL_BACKLOG)
             try:
@@ -291,7 +295,12 @@ class Connection:
             if isinstance(command, Ping):
                 await self._hub.ping(self._subscriber)
             elif isinstance(command, Publish):
-                await self._hub.publish_eagerly(command.topic, command.payload, Source.WS)
+                try:
+                    await self._hub.publish_eagerly(command.topic, command.payload, Source.WS)
+                except BackplaneDown as error:
+                    self._totals.refused["backplane_down"] += 1
+                    refusal = ProtocolError("backplane_down", str(error))
+                    self.outbox.offer(error_frame(refusal))
             elif isinstance(command, Subscribe):
                 self._subscribing = True
                 await self._hub.subscribe(

@@ -5,13 +5,18 @@ position, is encoded once per mode, offered to each subscriber's outbox with a n
 call and kept in the topic's history (:mod:`broadcaster.stream`); the hub never awaits a
 socket, a subscriber or a lock one holds. Since one task does it all, a subscribe that replays
 history and joins the live fan-out happens between two publishes: no gap, no duplicate.
+
+With history shared through a broker (a :class:`broadcaster.backplane.Sequencer`), the broker
+numbers every publish instead: a local publish goes to the broker only, and the hub fans out
+what comes back at the broker's position (:mod:`broadcaster.shared_topics`). Publishes are
+refused while the broker is down: a position handed out here could clash with another node's.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from time import monotonic, perf_counter
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -19,6 +24,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from broadcaster.errors import (
+    BackplaneDown,
     CloseCode,
     Closing,
     HubBusy,
@@ -33,6 +39,7 @@ from broadcaster.mailbox import (
     PingCommand,
     PublishCommand,
     Receipt,
+    RecoveredCommand,
     Source,
     SubscribeCommand,
     Subscriber,
@@ -40,7 +47,8 @@ from broadcaster.mailbox import (
     Wake,
 )
 from broadcaster.protocol import Frame, Mode, Payload, Position, control_frame, error_frame
-from broadcaster.stream import Entry, History, HistoryStatistics
+from broadcaster.shared_topics import Topic, begin, finish, publish
+from broadcaster.stream import Entry, History, HistoryStatistics, Outcome
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -49,8 +57,7 @@ if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
     from structlog.typing import FilteringBoundLogger
 
-    from broadcaster.backplane import Relay
-    from broadcaster.outbox import Outbox
+    from broadcaster.backplane import Relay, Sequencer
 
 
 # Commands the hub takes in one go before it lets other tasks run.
@@ -71,15 +78,6 @@ class HubStatistics:
     recoveries: Mapping[str, int]
 
 
-@dataclass(slots=True)
-class _Topic:
-    raw: set[Outbox] = field(default_factory=set)
-    mux: set[Outbox] = field(default_factory=set)
-
-    def members(self, mode: Mode) -> set[Outbox]:
-        return self.raw if mode is Mode.RAW else self.mux
-
-
 class Hub:
     """The fan-out actor.
 
@@ -93,6 +91,8 @@ class Hub:
         relay: told of topics opening and closing and of local publishes, to share them.
         history: every topic's stream and its bounds; by default :class:`History`'s defaults.
         clock: monotonic seconds, for the history's TTL; tests pass a clock of their own.
+        sequencer: the broker that numbers publishes and keeps history (shared history); the
+            local ``history`` is then unused.
     """
 
     def __init__(
@@ -105,13 +105,15 @@ class Hub:
         relay: Relay | None = None,
         history: History | None = None,
         clock: Callable[[], float] = monotonic,
+        sequencer: Sequencer | None = None,
     ) -> None:
+        self._sequencer = sequencer
         self._mailbox_size = mailbox_size
         self._log = logger
         self._max_subscriptions = max_subscriptions
         # The mailbox exists while the hub runs; None means stopped.
         self._mailbox: MemoryObjectSendStream[Command] | None = None
-        self._topics: dict[str, _Topic] = {}
+        self._topics: dict[str, Topic] = {}
         self._subscribers: set[Subscriber] = set()
         # Departures bypass the mailbox so that a full mailbox cannot lose a cleanup.
         self._departures: deque[Subscriber] = deque()
@@ -208,8 +210,27 @@ class Hub:
         await self._send(PingCommand(subscriber))
 
     async def publish(self, topic: str, payload: Payload, source: Source = Source.APP) -> None:
-        """Publish to ``topic``, waiting for mailbox room (pushes back on the publisher)."""
+        """Publish to ``topic``, waiting for mailbox room (pushes back on the publisher).
+
+        Raises:
+            BackplaneDown: history is shared and the broker that numbers it is down.
+        """
+        self._check_sequencer(source)
         await self._send(PublishCommand(topic, payload, source, None))
+
+    async def place(self, topic: str, payload: Payload, position: Position) -> None:
+        """Fan out a message the broker numbered, eagerly like :meth:`publish_eagerly`."""
+        command = PublishCommand(topic, payload, Source.BACKPLANE, None, position)
+        if self._mailbox is None:
+            raise HubStopped
+        try:
+            self._mailbox.send_nowait(command)
+        except anyio.WouldBlock:
+            await self._send(command)
+
+    async def recovered(self, command: RecoveredCommand) -> None:
+        """Hand the hub the broker's answer to a pending subscribe."""
+        await self._send(command)
 
     async def publish_eagerly(self, topic: str, payload: Payload, source: Source) -> None:
         """Publish like :meth:`publish`, but with no checkpoint while the mailbox has room.
@@ -231,9 +252,12 @@ class Hub:
         Raises:
             HubBusy: the mailbox is full.
             HubStopped: the hub is not running.
+            BackplaneDown: history is shared and the broker that numbers it is down (the
+                receipt fails with it too if the broker is lost before it numbers this one).
         """
         if self._mailbox is None:
             raise HubStopped
+        self._check_sequencer(source)
         receipt = PendingReceipt()
         try:
             self._mailbox.send_nowait(PublishCommand(topic, payload, source, receipt))
@@ -250,6 +274,8 @@ class Hub:
 
         Called from the hub's event loop thread, it runs between two of the hub's commands,
         like one of them. A topic without a stream gets one, so that its position is known.
+        With history shared through a broker the hub keeps none: ask the bridge
+        (``Bridge.page``) instead.
 
         Raises:
             HubStopped: the hub is not running.
@@ -280,6 +306,13 @@ class Hub:
             recoveries=MappingProxyType(dict(self._recoveries)),
         )
 
+    def _check_sequencer(self, source: Source) -> None:
+        """Refuse a publish at once while the broker that would number it is down."""
+        sequencer = self._sequencer
+        if sequencer is not None and source is not Source.BACKPLANE:
+            if not sequencer.accepting():
+                raise BackplaneDown("the broker that numbers messages is down")
+
     async def _send(self, command: Command) -> None:
         if self._mailbox is None:
             raise HubStopped
@@ -300,6 +333,8 @@ class Hub:
             return  # it left while the command was queued
         if isinstance(command, SubscribeCommand):
             self._subscribe(subscriber, command)
+        elif isinstance(command, RecoveredCommand):
+            self._recovered(subscriber, command)
         elif isinstance(command, PingCommand):
             subscriber.outbox.offer(PONG)
         else:
@@ -313,6 +348,10 @@ class Hub:
         started = perf_counter()
         name, payload = command.topic, command.payload
         self._published[command.source] += 1
+        if self._sequencer is not None:
+            publish(self._topics.get(name), command, self._sequencer)
+            self._observe_fanout(perf_counter() - started)
+            return
         history = self._history
         stream = history.publish(name, self._clock())
         epoch, seq = stream.epoch, stream.seq
@@ -338,6 +377,30 @@ class Hub:
         if command.receipt is not None:
             command.receipt._set(Receipt(name, epoch, seq, subscribers))
 
+    def _subscribe_shared(
+        self, subscriber: Subscriber, command: SubscribeCommand, sequencer: Sequencer
+    ) -> None:
+        name = command.topic
+        topic = self._topics.get(name)
+        if topic is None:
+            topic = self._topics[name] = Topic(name)
+            if self._relay is not None:
+                self._relay.topic_opened(name)
+        subscriber.topics.add(name)
+        if not begin(topic, subscriber, command.since, command.last, sequencer):
+            self._remove(subscriber, name)
+
+    def _recovered(self, subscriber: Subscriber, command: RecoveredCommand) -> None:
+        topic = self._topics.get(command.topic)
+        if topic is None or topic.pending.get(subscriber) is not command.request:
+            return  # it unsubscribed or left meanwhile, or subscribed again since
+        if command.outcome is not None:
+            # Live messages overflowed while the broker answered: more than can be caught up.
+            overflowed = command.request.buffer is None
+            self._recoveries[Outcome.OVER_LIMIT if overflowed else command.outcome] += 1
+        if not finish(topic, subscriber, command):
+            self._remove(subscriber, command.topic)
+
     def _subscribe(self, subscriber: Subscriber, command: SubscribeCommand) -> None:
         name = command.topic
         # Counted here, where the subscriptions are known exactly, and answered in order.
@@ -345,11 +408,14 @@ class Hub:
             detail = f"a connection subscribes to at most {self._max_subscriptions} topics"
             subscriber.outbox.offer(error_frame(ProtocolError("too_many_subscriptions", detail)))
             return
+        if self._sequencer is not None:
+            self._subscribe_shared(subscriber, command, self._sequencer)
+            return
         history = self._history
         stream = history.pin(name, self._clock())
         topic = self._topics.get(name)
         if topic is None:
-            topic = self._topics[name] = _Topic()
+            topic = self._topics[name] = Topic(name)
             if self._relay is not None:
                 self._relay.topic_opened(name)
         recovery = None
@@ -394,9 +460,12 @@ class Hub:
         if topic is None:
             return
         topic.members(subscriber.mode).discard(subscriber.outbox)
-        if not topic.raw and not topic.mux:
+        if topic.pending or topic.skips or topic.known:
+            topic.forget(subscriber)
+        if topic.empty():
             del self._topics[name]
-            self._history.unpin(name, self._clock())
+            if self._sequencer is None:
+                self._history.unpin(name, self._clock())
             if self._relay is not None:
                 self._relay.topic_closed(name)
 

@@ -12,11 +12,14 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from broadcaster.errors import HubStopped
+from broadcaster.errors import BackplaneDown, HubStopped
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from broadcaster.outbox import Outbox
     from broadcaster.protocol import Mode, Payload, Position
+    from broadcaster.stream import Outcome
 
 
 class Source(StrEnum):
@@ -56,11 +59,12 @@ class Receipt:
 class PendingReceipt:
     """A :class:`Receipt` the hub fills in once it has fanned the publish out."""
 
-    __slots__ = ("_done", "_event", "_receipt")
+    __slots__ = ("_done", "_error", "_event", "_receipt")
 
     def __init__(self) -> None:
         self._done = False
         self._receipt: Receipt | None = None
+        self._error: BackplaneDown | None = None
         # Made only when somebody waits: most publishes are never asked about.
         self._event: anyio.Event | None = None
 
@@ -70,15 +74,23 @@ class PendingReceipt:
         if self._event is not None:
             self._event.set()
 
+    def _fail(self, error: BackplaneDown) -> None:
+        """The publish was refused: no position was given to it."""
+        self._error = error
+        self._set(None)
+
     async def wait(self) -> Receipt:
         """Wait for the hub to process the publish.
 
         Raises:
             HubStopped: the hub stopped before it got to this publish.
+            BackplaneDown: the broker that numbers the topic's messages could not be reached.
         """
         if not self._done:
             self._event = anyio.Event()
             await self._event.wait()
+        if self._error is not None:
+            raise self._error
         if self._receipt is None:
             raise HubStopped
         return self._receipt
@@ -104,6 +116,39 @@ class PublishCommand:
     payload: Payload
     source: Source
     receipt: PendingReceipt | None
+    # The broker's position for it, when the broker numbers the topic's messages.
+    position: Position | None = None
+
+
+@dataclass(eq=False, slots=True)
+class PendingSubscribe:
+    """A subscribe waiting for the broker's starting point (history shared through a broker),
+    and the live messages buffered for it meanwhile (``None`` once the buffer overflowed)."""
+
+    subscriber: Subscriber
+    topic: str
+    since: Position | None
+    last: int | None
+    buffer: list[tuple[Position, Payload]] | None = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveredCommand:
+    """The broker's answer to a subscribe in shared history: the stream's position then, and
+    what to replay (``entries`` as ``(seq, payload)``, oldest first).
+
+    ``outcome`` is ``None`` for a plain subscribe (neither ``since`` nor ``last``), and
+    ``error`` says why the broker could not answer.
+    """
+
+    subscriber: Subscriber
+    request: PendingSubscribe
+    topic: str
+    epoch: str
+    seq: int
+    outcome: Outcome | None
+    entries: Sequence[tuple[int, Payload]]
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,5 +161,7 @@ class Wake:
     """Wakes an idle hub so that it takes a departure."""
 
 
-Command = SubscribeCommand | UnsubscribeCommand | PublishCommand | PingCommand | Wake
+Command = (
+    SubscribeCommand | UnsubscribeCommand | PublishCommand | PingCommand | RecoveredCommand | Wake
+)
 WAKE = Wake()

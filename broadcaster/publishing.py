@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING
 
 from starlette.responses import Response
 
-from broadcaster.errors import RETRY, SERVER_REFUSAL, HubBusy, HubStopped, ProtocolError, Refused
+from broadcaster.errors import (
+    RETRY,
+    SERVER_REFUSAL,
+    BackplaneDown,
+    HubBusy,
+    HubStopped,
+    ProtocolError,
+    Refused,
+)
 from broadcaster.mailbox import Source
 from broadcaster.protocol import Payload, parse_json_body, validate_topic
 
@@ -57,7 +65,8 @@ class HTTPPublish:
 
     async def respond(self, topic: str, scope: Scope, receive: Receive) -> Response:
         """Publish the request's body to ``topic`` and return the response that answers it:
-        200 with the receipt; 400, 401, 403, 413 or 503 with ``{"detail": ...}``."""
+        200 with the receipt; 400, 401, 403, 413 or 503 with ``{"detail": ...}`` (503 also
+        when history is shared through a broker that is down)."""
         client = scope.get("client")
         peer = f"{client[0]}:{client[1]}" if client else None
         headers = dict(scope["headers"])
@@ -89,6 +98,11 @@ class HTTPPublish:
             return _detail(503, "the hub is busy; retry shortly", RETRY)
         except HubStopped:
             return _detail(503, "the hub is not running", RETRY)
+        except BackplaneDown as error:
+            # History is shared and the broker that numbers it is down: no node may number
+            # this publish on its own.
+            self._count_refusal(Refused(503, "backplane_down", str(error)), peer)
+            return _detail(503, str(error), RETRY)
         fields = {
             "topic": receipt.topic,
             "epoch": receipt.epoch,

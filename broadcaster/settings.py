@@ -132,7 +132,7 @@ PublicKey = Annotated[SecretStr | None, BeforeValidator(_read_key), AfterValidat
 # The backplane URL schemes, and the client module (and extra of the same name) each needs.
 BACKPLANE_SCHEMES = {"redis": "redis", "rediss": "redis", "nats": "nats", "tls": "nats"}
 MEMORY = "memory"
-# Messages kept per topic when BROADCASTER_HISTORY_SIZE is unset and the backplane is memory.
+# Messages kept per topic when BROADCASTER_HISTORY_SIZE is unset, unless the backplane is NATS.
 DEFAULT_HISTORY_SIZE = 1000
 
 
@@ -338,8 +338,8 @@ class Settings(BaseSettings):
     history_size: NonNegativeInt | None = Field(
         None,
         description="Messages kept per topic for clients that resume or rewind; 0 turns "
-        "history off. Unset: 1000 with the memory backplane, 0 with a broker (history shared "
-        "by several nodes is not supported yet).",
+        "history off. Unset: 1000 with the memory and Redis backplanes (with Redis, history "
+        "lives in Redis, shared by every node), 0 with NATS (not supported there yet).",
     )
     history_max_bytes: PositiveInt = Field(
         1024 * 1024, description="Bytes of history kept per topic."
@@ -420,12 +420,12 @@ class Settings(BaseSettings):
                 f"{ENV_PREFIX}HISTORY_TOTAL_BYTES ({self.history_total_bytes}) must not be "
                 f"less than {ENV_PREFIX}HISTORY_MAX_BYTES ({self.history_max_bytes})"
             )
-        if self.history_size and self.backplane != MEMORY:
+        if self.history_size and self._nats:
             raise ValueError(
                 f"{ENV_PREFIX}HISTORY_SIZE={self.history_size} needs "
-                f"{ENV_PREFIX}BACKPLANE=memory: history shared by several nodes through a "
-                f"broker is not supported yet; set {ENV_PREFIX}HISTORY_SIZE=0 (or leave it "
-                "unset) with a broker"
+                f"{ENV_PREFIX}BACKPLANE=memory or redis://...: history shared by several "
+                f"nodes through NATS is not supported yet; set {ENV_PREFIX}HISTORY_SIZE=0 (or "
+                "leave it unset) with NATS"
             )
         return self
 
@@ -434,7 +434,11 @@ class Settings(BaseSettings):
         """Messages kept per topic: ``HISTORY_SIZE``, or its default for the backplane."""
         if self.history_size is not None:
             return self.history_size
-        return DEFAULT_HISTORY_SIZE if self.backplane == MEMORY else 0
+        return 0 if self._nats else DEFAULT_HISTORY_SIZE
+
+    @property
+    def _nats(self) -> bool:
+        return self.backplane.startswith(("nats:", "tls:"))
 
     @property
     def subscribe_open(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -42,15 +42,16 @@ if TYPE_CHECKING:
 COUNT = 200
 
 
-def node_settings(url: str) -> Settings:
+def node_settings(url: str, **overrides: Any) -> Settings:
     """A node on the broker at ``url``, quick to notice a lost broker and to come back."""
-    return Settings(
-        backplane=url,
-        backplane_timeout=2,
-        backplane_reconnect_min=0.05,
-        backplane_reconnect_max=0.2,
-        log_format="json",
-    )
+    options: dict[str, Any] = {
+        "backplane": url,
+        "backplane_timeout": 2,
+        "backplane_reconnect_min": 0.05,
+        "backplane_reconnect_max": 0.2,
+        "log_format": "json",
+    }
+    return Settings(**(options | overrides))
 
 
 def bridge(live: LiveServer) -> Bridge:
@@ -65,11 +66,11 @@ async def numbers(connection: ClientConnection, count: int) -> list[int]:
 
 
 @asynccontextmanager
-async def two_nodes(kind: str) -> AsyncIterator[tuple[Broker, Node, Node]]:
+async def two_nodes(kind: str, **overrides: Any) -> AsyncIterator[tuple[Broker, Node, Node]]:
     """A broker, two nodes on it, and a client on each subscribed to ``feed``, once both nodes
     have the broker's subscription."""
     async with running_broker(kind) as broker:
-        settings = node_settings(broker.url)
+        settings = node_settings(broker.url, **overrides)
         async with (
             running_server(settings) as a,
             running_server(settings) as b,
@@ -120,10 +121,11 @@ async def test_a_publish_reaches_every_node_once_and_in_order(kind: str) -> None
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_broker_outage_keeps_local_delivery_and_the_nodes_rejoin(kind: str) -> None:
-    """With the broker killed, each node still serves its own clients and /readyz says 503;
-    once it is back both nodes resubscribe, and what was published meanwhile is counted."""
+    """With history off and the broker killed, each node still serves its own clients and
+    /readyz says 503; once it is back both nodes resubscribe, and what was published meanwhile
+    is counted."""
     async with (
-        two_nodes(kind) as (broker, (a, on_a), (b, on_b)),
+        two_nodes(kind, history_size=0) as (broker, (a, on_a), (b, on_b)),
         httpx.AsyncClient(base_url=a.http_url, trust_env=False) as http_a,
     ):
         await http_a.post("/publish/feed", json={"n": 0})

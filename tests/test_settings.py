@@ -349,7 +349,8 @@ def test_reconnect_delays_must_be_in_order(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_history_defaults() -> None:
-    """History is on by default in memory mode, with a two-minute window, and off with a broker."""
+    """History is on by default in memory mode and with Redis, with a two-minute window, and
+    off with NATS."""
     settings = Settings()
     assert settings.history_size is None
     assert settings.history_messages == 1000
@@ -358,16 +359,19 @@ def test_history_defaults() -> None:
     assert settings.history_total_bytes == 64 * 1024 * 1024
     assert settings.recovery_max == 1000
     assert Settings(history_size=0).history_messages == 0
-    assert Settings(backplane="redis://127.0.0.1:6379").history_messages == 0
+    assert Settings(backplane="redis://127.0.0.1:6379").history_messages == 1000
+    assert Settings(backplane="nats://127.0.0.1:4222").history_messages == 0
 
 
-def test_history_with_a_broker_is_refused_naming_both_settings() -> None:
-    """HISTORY_SIZE above 0 with a broker backplane is refused: history is not shared yet."""
+def test_history_with_nats_is_refused_naming_both_settings() -> None:
+    """HISTORY_SIZE above 0 with NATS is refused, naming both settings; Redis shares it."""
     with pytest.raises(ValidationError) as raised:
         Settings(history_size=10, backplane="nats://127.0.0.1:4222")
     [line] = describe_errors(raised.value)
     assert line.startswith("BROADCASTER_HISTORY_SIZE=10 needs BROADCASTER_BACKPLANE=memory")
+    assert "BROADCASTER_BACKPLANE=memory or redis://" in line
     assert Settings(history_size=0, backplane="nats://127.0.0.1:4222").history_messages == 0
+    assert Settings(history_size=10, backplane="redis://127.0.0.1:6379").history_messages == 10
 
 
 def test_the_history_budget_must_hold_one_topic() -> None:

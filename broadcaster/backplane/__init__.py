@@ -10,6 +10,11 @@ On the broker every message is ``MAGIC``, the publishing node's id, one byte for
 payload (``t`` text, ``b`` bytes, ``j`` JSON) and the payload's bytes, so that raw and
 multiplexed subscribers on every node receive what they would have received on the node where
 it was published.
+
+With history on a Redis backplane, the broker numbers each topic's messages: it publishes
+``s``, the epoch, ``:``, the seq, ``:`` and the message above (:func:`decode_positioned`),
+and every node, the publisher's own included, delivers what the broker publishes, in its
+order, at the broker's position (see :mod:`broadcaster.backplane.redis_broker`).
 """
 
 from __future__ import annotations
@@ -17,15 +22,26 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Protocol
 
-from broadcaster.protocol import Payload
+from broadcaster.protocol import Payload, Position
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
     from contextlib import AbstractAsyncContextManager
 
+    from broadcaster.mailbox import PendingReceipt, PendingSubscribe
     from broadcaster.settings import Settings
 
-__all__ = ["NODE_ID_BYTES", "Backplane", "Link", "Relay", "decode", "encode", "open_backplane"]
+__all__ = [
+    "NODE_ID_BYTES",
+    "Backplane",
+    "Link",
+    "Relay",
+    "Sequencer",
+    "decode",
+    "decode_positioned",
+    "encode",
+    "open_backplane",
+]
 
 MAGIC = b"bc1"
 NODE_ID_BYTES = 8
@@ -43,6 +59,27 @@ class Relay(Protocol):
 
     def published(self, topic: str, payload: Payload) -> None:
         """A publish that did not come from the backplane was fanned out locally."""
+
+
+class Sequencer(Protocol):
+    """The broker that numbers every topic's messages (shared history); called from inside
+    the hub's task, it never blocks."""
+
+    def accepting(self) -> bool:
+        """Whether publishes can be numbered now (the broker is reachable)."""
+
+    def submit(
+        self, topic: str, payload: Payload, receipt: PendingReceipt | None, subscribers: int
+    ) -> bool:
+        """Offer a local publish for numbering; ``False`` when it cannot be taken.
+
+        The receipt, if any, is filled in with the broker's position (and ``subscribers``),
+        or failed with ``BackplaneDown``.
+        """
+
+    def recover(self, request: PendingSubscribe) -> bool:
+        """Ask for a subscribe's starting point, answered by a ``RecoveredCommand`` once the
+        broker subscription for its topic is in place; ``False`` when it cannot be taken."""
 
 
 class Link(Protocol):
@@ -86,7 +123,12 @@ def open_backplane(settings: Settings) -> Backplane:
         return NatsBackplane(settings.backplane, settings.backplane_prefix)
     from broadcaster.backplane.redis_broker import RedisBackplane
 
-    return RedisBackplane(settings.backplane, settings.backplane_prefix)
+    return RedisBackplane(
+        settings.backplane,
+        settings.backplane_prefix,
+        settings.history_messages,
+        settings.history_ttl,
+    )
 
 
 def encode(node: bytes, payload: Payload) -> bytes:
@@ -116,3 +158,16 @@ def decode(message: bytes) -> tuple[bytes, Payload]:
         # A JSON string reaches raw subscribers as the string itself, as on its own node.
         return node, Payload(json.loads(text) if text.startswith('"') else text, text)
     raise ValueError("unknown payload kind")
+
+
+def decode_positioned(message: bytes) -> tuple[Position, bytes, Payload]:
+    """Return the position the broker gave ``message``, the node and the payload.
+
+    Raises:
+        ValueError: ``message`` was not published with a position.
+    """
+    if not message.startswith(b"s"):
+        raise ValueError("not a numbered broadcaster message")
+    epoch, seq, rest = message[1:].split(b":", 2)
+    node, payload = decode(rest)
+    return Position(epoch.decode(), int(seq)), node, payload

@@ -12,6 +12,14 @@ waits for the hub: what does not fit the inbound buffer is dropped and counted. 
 delivers its own publishes locally at once and skips their echo from the broker, so local
 delivery goes on while the broker is down, and every subscriber gets each message once.
 
+With shared history (``sequenced``), the bridge is also the hub's
+:class:`broadcaster.backplane.Sequencer`: a local publish is not delivered locally but sent to
+the broker, which numbers it; every node, this one included, delivers what comes back, at the
+broker's position. While the broker is down, publishes are refused rather than numbered here.
+A subscribe asks the recoverer for its starting point: once the topic's broker subscription is
+in place (so nothing published later can be missed), it reads the topic's stream and answers
+the hub through its mailbox.
+
 The bridge owns one link at a time. When it is lost the bridge counts what could not be
 relayed, reconnects with capped exponential backoff and jitter, and subscribes every wanted
 topic again before it reports itself up.
@@ -21,14 +29,16 @@ from __future__ import annotations
 
 import random
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
 
-from broadcaster.backplane import decode, encode
+from broadcaster.backplane import decode, decode_positioned, encode
+from broadcaster.backplane.episodes import BridgeStatistics, Episode, describe
+from broadcaster.backplane.recoverer import Recoverer
 from broadcaster.errors import BackplaneDown, HubStopped
-from broadcaster.protocol import Payload
+from broadcaster.mailbox import PendingReceipt, Receipt
+from broadcaster.protocol import Payload, Position
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -38,64 +48,18 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
     from broadcaster.backplane import Backplane, Link
+    from broadcaster.mailbox import RecoveredCommand
     from broadcaster.settings import Settings
+
+# A local publish on its way to the broker: topic, payload, receipt, local subscribers.
+Outgoing = tuple[str, Payload, PendingReceipt | None, int]
+# A broker message on its way to the hub, with the broker's position when it gave one.
+Incoming = tuple[str, Payload, Position | None]
 
 # Messages the sender takes from the outbound buffer for one pipelined write.
 BATCH = 256
 # Seconds between two pings of a link that looks idle to the operating system.
 PING_SECONDS = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class BridgeStatistics:
-    """A snapshot of the bridge.
-
-    Args:
-        up: linked to the broker, with every wanted topic subscribed.
-        error: why the last link was lost (or could not be made); ``None`` before any loss.
-        subscribed: topics subscribed on the broker now.
-        sent: local publishes relayed to the broker.
-        received: other nodes' publishes handed toward the hub.
-        outbound_dropped: local publishes dropped because the outbound buffer was full.
-        inbound_dropped: other nodes' publishes dropped because the inbound buffer was full.
-        unrelayed: local publishes made while the broker was down, never relayed.
-        malformed: broker messages that were not a broadcaster message.
-        links: links made, the first one included.
-    """
-
-    up: bool
-    error: str | None
-    subscribed: int
-    sent: int
-    received: int
-    outbound_dropped: int
-    inbound_dropped: int
-    unrelayed: int
-    malformed: int
-    links: int
-
-
-class _Episode:
-    """Counts losses of one kind, logging when a run of them starts and when it ends."""
-
-    __slots__ = ("_event", "_log", "_run", "total")
-
-    def __init__(self, log: FilteringBoundLogger, event: str) -> None:
-        self._log = log
-        self._event = event
-        self._run = 0
-        self.total = 0
-
-    def lose(self, count: int = 1) -> None:
-        if not self._run:
-            self._log.warning(self._event + "_started")
-        self._run += count
-        self.total += count
-
-    def end(self) -> None:
-        if self._run:
-            self._log.info(self._event + "_ended", dropped=self._run)
-            self._run = 0
 
 
 class Bridge:
@@ -107,6 +71,8 @@ class Bridge:
         settings: the ``BACKPLANE_*`` buffer, timeout and reconnect delays.
         logger: the bridge's logger.
         jitter: returns a number in [0, 1) that spreads reconnects out.
+        sequenced: the broker numbers every topic's messages and keeps their history
+            (Redis with history on); the link must then offer ``append`` and ``read``.
     """
 
     def __init__(
@@ -116,7 +82,10 @@ class Bridge:
         settings: Settings,
         logger: FilteringBoundLogger,
         jitter: Callable[[], float] = random.random,
+        *,
+        sequenced: bool = False,
     ) -> None:
+        self.sequenced = sequenced
         self._backplane = backplane
         self._node = node
         self._timeout = settings.backplane_timeout
@@ -125,20 +94,32 @@ class Bridge:
         self._jitter = jitter
         self._buffer = settings.backplane_buffer
         # Both buffers exist while run() runs; published() touches them only while up.
-        self._outbound_in: MemoryObjectSendStream[tuple[str, Payload]]
-        self._outbound: MemoryObjectReceiveStream[tuple[str, Payload]]
-        self._inbound_in: MemoryObjectSendStream[tuple[str, Payload]]
-        self._inbound: MemoryObjectReceiveStream[tuple[str, Payload]]
+        self._outbound_in: MemoryObjectSendStream[Outgoing]
+        self._outbound: MemoryObjectReceiveStream[Outgoing]
+        self._inbound_in: MemoryObjectSendStream[Incoming]
+        self._inbound: MemoryObjectReceiveStream[Incoming]
         self._wanted: set[str] = set()
         self._subscribed: set[str] = set()
+        self._leaving: set[str] = set()
         self._changed = anyio.Event()
+        self._reconciled = anyio.Event()
+        self._recoverer = Recoverer(
+            self._buffer,
+            settings.recovery_max,
+            settings.history_messages,
+            self._timeout,
+            self._subscribed_to,
+        )
+        # The hub's way to ask for a subscribe's starting point and GET /history's pages.
+        self.recover = self._recoverer.recover
+        self.page = self._recoverer.page
         self._up = False
         self._error: str | None = None
         self._sent = self._received = self._links = 0
-        self._outbound_dropped = _Episode(logger, "backplane_outbound_overflow")
-        self._inbound_dropped = _Episode(logger, "backplane_inbound_overflow")
-        self._unrelayed = _Episode(logger, "backplane_unrelayed")
-        self._malformed = _Episode(logger, "backplane_malformed")
+        self._outbound_dropped = Episode(logger, "backplane_outbound_overflow")
+        self._inbound_dropped = Episode(logger, "backplane_inbound_overflow")
+        self._unrelayed = Episode(logger, "backplane_unrelayed")
+        self._malformed = Episode(logger, "backplane_malformed")
 
     def topic_opened(self, topic: str) -> None:
         """Want ``topic`` from the broker (called by the hub; never blocks)."""
@@ -152,15 +133,31 @@ class Bridge:
 
     def published(self, topic: str, payload: Payload) -> None:
         """Offer a local publish to the broker (called by the hub; never blocks)."""
+        self.submit(topic, payload, None, 0)
+
+    def accepting(self) -> bool:
+        """Whether the broker is linked, so that a publish can be relayed (or numbered)."""
+        return self._up
+
+    def submit(
+        self, topic: str, payload: Payload, receipt: PendingReceipt | None, subscribers: int
+    ) -> bool:
+        """Offer a local publish to the broker (called by the hub; never blocks).
+
+        Returns whether it was taken; one that was not is counted, and its receipt failed.
+        """
         if not self._up:
             self._unrelayed.lose()
-            return
+            _fail(receipt, "the broker is down")
+            return False
         try:
-            self._outbound_in.send_nowait((topic, payload))
+            self._outbound_in.send_nowait((topic, payload, receipt, subscribers))
         except anyio.WouldBlock:
             self._outbound_dropped.lose()
-        else:
-            self._outbound_dropped.end()
+            _fail(receipt, "the broker is not keeping up")
+            return False
+        self._outbound_dropped.end()
+        return True
 
     def statistics(self) -> BridgeStatistics:
         """Return the link's state and what has been relayed, dropped and lost."""
@@ -181,6 +178,8 @@ class Bridge:
         self,
         deliver: Callable[[str, Payload], Awaitable[None]],
         *,
+        place: Callable[[str, Payload, Position], Awaitable[None]] | None = None,
+        answer: Callable[[RecoveredCommand], Awaitable[None]] | None = None,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Link to the broker and keep relaying, reconnecting whenever the link is lost.
@@ -188,24 +187,38 @@ class Bridge:
         Args:
             deliver: hands another node's publish to the local hub (``Hub.publish_eagerly``),
                 waiting only while its mailbox is full.
+            place: when sequenced, hands every publish, at the broker's position, to the hub.
+            answer: when sequenced, hands the hub a subscribe's starting point.
 
         Runs until cancelled; a lost broker is never an error here.
         """
-        self._outbound_in, self._outbound = anyio.create_memory_object_stream[tuple[str, Payload]](
+        self._outbound_in, self._outbound = anyio.create_memory_object_stream[Outgoing](
             self._buffer
         )
-        self._inbound_in, self._inbound = anyio.create_memory_object_stream[tuple[str, Payload]](
-            self._buffer
-        )
+        self._inbound_in, self._inbound = anyio.create_memory_object_stream[Incoming](self._buffer)
+        self._recoverer.answer = answer
         try:
             with self._outbound_in, self._outbound, self._inbound_in, self._inbound:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._deliver, deliver)
-                    task_status.started()
-                    await self._keep_linked()
+                with self._recoverer:
+                    try:
+                        await self._relay(deliver, place, task_status)
+                    finally:
+                        # No publisher waits for a receipt that will never come.
+                        self._fail_waiting("the server is stopping")
         finally:
             # The buffers are closed: the hub's publishes count as unrelayed from now on.
             self._up = False
+
+    async def _relay(
+        self,
+        deliver: Callable[[str, Payload], Awaitable[None]],
+        place: Callable[[str, Payload, Position], Awaitable[None]] | None,
+        task_status: TaskStatus[None],
+    ) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._deliver, deliver, place)
+            task_status.started()
+            await self._keep_linked()
 
     async def _keep_linked(self) -> None:
         failures = 0
@@ -228,10 +241,12 @@ class Bridge:
                     link = await stack.enter_async_context(self._backplane.connect())
                 await self._serve(link)
         except* (BackplaneDown, TimeoutError) as group:
-            reason = _describe(group)
+            reason = describe(group)
         except* Exception as group:
             self._log.error("backplane_error", exc_info=group)
-            reason = _describe(group)
+            reason = describe(group)
+        finally:
+            self._recoverer.link = None
         return reason
 
     async def _serve(self, link: Link) -> None:
@@ -245,6 +260,9 @@ class Bridge:
             self._unrelayed.end()
             tg.start_soon(self._follow_wanted, link)
             tg.start_soon(self._ping, link)
+            if self.sequenced:
+                self._recoverer.link = link
+                tg.start_soon(self._recoverer.serve, link)
             await self._send(link)
 
     def _down(self, error: str) -> None:
@@ -253,29 +271,39 @@ class Bridge:
         self._up = False
         self._error = error
         self._subscribed.clear()
+        self._leaving.clear()
         # What was waiting for the lost link will not be sent: count it with the outage.
-        left = 0
-        while True:
-            try:
-                self._outbound.receive_nowait()
-            except anyio.WouldBlock:
-                break
-            left += 1
+        left = self._fail_waiting(error)
         if left:
             self._unrelayed.lose(left)
 
+    def _fail_waiting(self, error: str) -> int:
+        """Take what waits in the outbound buffer, failing its receipts; return how many."""
+        left = 0
+        while True:
+            try:
+                _, _, receipt, _ = self._outbound.receive_nowait()
+            except anyio.WouldBlock:
+                return left
+            _fail(receipt, error)
+            left += 1
+
     async def _receive(self, link: Link) -> None:
         async for topic, message in link.messages():
+            position = None
             try:
-                node, payload = decode(message)
+                if self.sequenced:
+                    position, node, payload = decode_positioned(message)
+                else:
+                    node, payload = decode(message)
             except ValueError:
                 self._malformed.lose()
                 continue
             self._malformed.end()
-            if node == self._node:
+            if node == self._node and position is None:
                 continue  # this node's own publish, delivered locally already
             try:
-                self._inbound_in.send_nowait((topic, payload))
+                self._inbound_in.send_nowait((topic, payload, position))
             except anyio.WouldBlock:
                 self._inbound_dropped.lose()
             else:
@@ -283,7 +311,11 @@ class Bridge:
                 self._inbound_dropped.end()
         raise BackplaneDown("the broker closed the connection")
 
-    async def _deliver(self, deliver: Callable[[str, Payload], Awaitable[None]]) -> None:
+    async def _deliver(
+        self,
+        deliver: Callable[[str, Payload], Awaitable[None]],
+        place: Callable[[str, Payload, Position], Awaitable[None]] | None,
+    ) -> None:
         """Hand other nodes' publishes to the hub, all that are buffered in one go.
 
         A checkpoint per message would let the hub wake every subscriber's sender once per
@@ -291,33 +323,51 @@ class Bridge:
         batch, as for a socket's frames. ``deliver`` waits only while the mailbox is full.
         """
         try:
-            async for topic, payload in self._inbound:
-                await deliver(topic, payload)
+            async for topic, payload, position in self._inbound:
                 while True:
+                    if position is None or place is None:
+                        await deliver(topic, payload)
+                    else:
+                        await place(topic, payload, position)
                     try:
-                        topic, payload = self._inbound.receive_nowait()
+                        topic, payload, position = self._inbound.receive_nowait()
                     except anyio.WouldBlock:
                         break
-                    await deliver(topic, payload)
         except HubStopped:
             return  # the server is stopping
 
     async def _send(self, link: Link) -> None:
-        async for topic, payload in self._outbound:
-            batch = [(topic, encode(self._node, payload))]
-            while len(batch) < BATCH:
+        async for item in self._outbound:
+            items = [item]
+            while len(items) < BATCH:
                 try:
-                    topic, payload = self._outbound.receive_nowait()
+                    items.append(self._outbound.receive_nowait())
                 except anyio.WouldBlock:
                     break
-                batch.append((topic, encode(self._node, payload)))
+            batch = [(topic, encode(self._node, payload)) for topic, payload, _, _ in items]
             try:
                 with anyio.fail_after(self._timeout):
-                    await link.publish(batch)
-            except (BackplaneDown, TimeoutError):
+                    if self.sequenced:
+                        positions = await link.append(batch)  # type: ignore[attr-defined]
+                    else:
+                        await link.publish(batch)
+            except (BackplaneDown, TimeoutError) as error:
                 self._unrelayed.lose(len(batch))
+                for _, _, receipt, _ in items:
+                    _fail(receipt, str(error) or "the broker did not answer")
                 raise
             self._sent += len(batch)
+            if self.sequenced:
+                for (topic, _, receipt, count), at in zip(items, positions, strict=True):
+                    if receipt is not None:
+                        receipt._set(Receipt(topic, at.epoch, at.seq, count))
+
+    async def _subscribed_to(self, topic: str) -> bool:
+        """Wait until the broker subscription for ``topic`` is in place; ``False`` if the
+        topic is no longer wanted."""
+        while (topic not in self._subscribed or topic in self._leaving) and topic in self._wanted:
+            await self._reconciled.wait()
+        return topic in self._subscribed and topic not in self._leaving
 
     async def _follow_wanted(self, link: Link) -> None:
         while True:
@@ -332,6 +382,9 @@ class Bridge:
             old = sorted(self._subscribed - self._wanted)
             if not new and not old:
                 return
+            # A topic on its way out is not trusted by a resume's read, even if it is wanted
+            # again meanwhile: what is published before it is subscribed again would be lost.
+            self._leaving.update(old)
             with anyio.fail_after(self._timeout):
                 if new:
                     await link.subscribe(new)
@@ -339,6 +392,9 @@ class Bridge:
                     await link.unsubscribe(old)
             self._subscribed.update(new)
             self._subscribed.difference_update(old)
+            self._leaving.clear()
+            self._reconciled.set()
+            self._reconciled = anyio.Event()
 
     async def _ping(self, link: Link) -> None:
         while True:
@@ -347,9 +403,6 @@ class Bridge:
                 await link.ping()
 
 
-def _describe(group: BaseExceptionGroup[Exception]) -> str:
-    """Word the first error of a group, however deeply nested."""
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return str(error) or type(error).__name__
+def _fail(receipt: PendingReceipt | None, reason: str) -> None:
+    if receipt is not None:
+        receipt._fail(BackplaneDown(reason))
