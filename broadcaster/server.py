@@ -8,6 +8,7 @@ WebSockets and :mod:`broadcaster.http_protocol` for HTTP.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import os
 import resource
@@ -165,6 +166,10 @@ def run(
         "server_starting", host=settings.host, port=sock.getsockname()[1], open_files=open_files
     )
     warn_if_unauthenticated(settings)
+    # Everything made so far (modules, the app, its settings) lives as long as the process:
+    # the collector need not walk it on every full collection, which would otherwise pause
+    # the event loop for milliseconds while connections come and go.
+    gc.freeze()
     server.run(sockets=[sock])
     return 1 if hub_failed or not server.started else 0
 
