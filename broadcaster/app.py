@@ -478,6 +478,18 @@ def create_app(
     return app
 
 
+# The answer to a plain HTTP request on a WebSocket path.
+UPGRADE_REQUIRED = JSONResponse(
+    {
+        "error": "upgrade_required",
+        "detail": "this path speaks WebSocket: connect with a WebSocket client "
+        "(ws://HOST:PORT/ws, or /ws/TOPIC for raw mode)",
+    },
+    426,
+    headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+)
+
+
 class _App(FastAPI):
     """FastAPI, with the broadcaster's WebSocket upgrades and HTTP publishes served before its
     middleware and router.
@@ -492,22 +504,29 @@ class _App(FastAPI):
         self._live = live
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            topic = _path(scope)[len("/publish/") :]
-            if _path(scope).startswith("/publish/") and topic and "/" not in topic:
-                response = await self._live.publishing.respond(topic, scope, receive)
+        if scope["type"] in ("http", "websocket"):
+            path = _path(scope)
+            publish = _segment(path, "/publish/")
+            websocket = path == "/ws" or _segment(path, "/ws/") is not None
+            if scope["type"] == "http" and scope["method"] == "POST" and publish is not None:
+                response = await self._live.publishing.respond(publish, scope, receive)
                 await response(scope, receive, send)
                 return
-        if scope["type"] == "websocket":
-            path = _path(scope)
-            if path == "/ws":
-                await self._live.serve(WebSocket(scope, receive, send), None)
-                return
-            topic = path[len("/ws/") :]
-            if path.startswith("/ws/") and topic and "/" not in topic:
+            if scope["type"] == "websocket" and websocket:
+                topic = _segment(path, "/ws/")
                 await self._live.serve(WebSocket(scope, receive, send), topic)
                 return
+            if scope["type"] == "http" and websocket:
+                # A browser or curl that asked for a WebSocket path without upgrading.
+                await UPGRADE_REQUIRED(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
+
+
+def _segment(path: str, prefix: str) -> str | None:
+    """What follows ``prefix`` in ``path`` when it is one non-empty path segment."""
+    rest = path[len(prefix) :]
+    return rest if path.startswith(prefix) and rest and "/" not in rest else None
 
 
 def _path(scope: Scope) -> str:

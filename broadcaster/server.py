@@ -22,6 +22,7 @@ import uvicorn
 from broadcaster.http_gate import HTTPGate, HTTPLimits
 from broadcaster.http_protocol import HTTPProtocol
 from broadcaster.log import get_logger
+from broadcaster.settings import unknown_settings
 from broadcaster.ws_protocol import Limits, WebSocketProtocol
 
 if TYPE_CHECKING:
@@ -166,6 +167,8 @@ def run(
         "server_starting", host=settings.host, port=sock.getsockname()[1], open_files=open_files
     )
     warn_if_unauthenticated(settings)
+    for variable, closest in unknown_settings():
+        logger.warning("unknown_setting", variable=variable, closest=closest)
     # Everything made so far (modules, the app, its settings) lives as long as the process:
     # the collector need not walk it on every full collection, which would otherwise pause
     # the event loop for milliseconds while connections come and go.

@@ -5,7 +5,9 @@ No other module reads the environment: the CLI builds one :class:`Settings` and 
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Self
@@ -25,7 +27,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from broadcaster.policy import Overflow
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
 ENV_PREFIX = "BROADCASTER_"
 
@@ -462,3 +464,20 @@ def describe_errors(error: ValidationError) -> list[str]:
         value = "<hidden>" if name in SECRET_SETTINGS else repr(item["input"])
         lines.append(f"{ENV_PREFIX}{name.upper()}={value}: {item['msg']}")
     return lines
+
+
+def unknown_settings(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """The ``BROADCASTER_*`` variables that name no setting, each with the closest one that
+    does (``None`` when none is close), so that a misspelt limit does not go unnoticed.
+
+    Args:
+        environ: the variables to look at; ``os.environ`` by default.
+    """
+    known = [name.upper() for name in Settings.model_fields]
+    found = []
+    for name in sorted(os.environ if environ is None else environ):
+        suffix = name.removeprefix(ENV_PREFIX)
+        if name.startswith(ENV_PREFIX) and suffix not in known:
+            closest = difflib.get_close_matches(suffix, known, n=1)
+            found.append((name, ENV_PREFIX + closest[0] if closest else None))
+    return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -101,3 +102,16 @@ async def test_signal_closes_clients_with_1001_and_exits_0(signum: signal.Signal
         with anyio.fail_after(20):
             status = await anyio.to_thread.run_sync(process.wait)
         assert status == 0
+
+
+def test_a_misspelt_variable_is_warned_about_at_start() -> None:
+    """The server starts, and says which variable it did not know and what was meant."""
+    with serving({"BROADCASTER_QUEU_MAX_MESSAGES": "5"}) as (process, _):
+        assert process.stderr is not None
+        warning = json.loads(process.stderr.readline())
+    assert warning["event"] == "unknown_setting"
+    assert warning["level"] == "warning"
+    assert (warning["variable"], warning["closest"]) == (
+        "BROADCASTER_QUEU_MAX_MESSAGES",
+        "BROADCASTER_QUEUE_MAX_MESSAGES",
+    )

@@ -59,3 +59,17 @@ async def test_the_route_stays_documented_and_served_where_the_router_is_mounted
         schema = (await http.get("/openapi.json")).json()
     assert (response.status_code, response.json()["topic"]) == (200, "news")
     assert "/live/publish/{topic}" in schema["paths"]
+
+
+async def test_a_plain_request_on_a_websocket_path_is_told_to_upgrade() -> None:
+    """``GET /ws`` and ``GET /ws/{topic}`` without an upgrade get 426 and a hint, not 404."""
+    async with (
+        running_server() as live,
+        httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http,
+    ):
+        answers = [await http.get(path) for path in ("/ws", "/ws/news")]
+        missing = await http.get("/ws/a/b")
+    for answer in answers:
+        assert (answer.status_code, answer.headers["upgrade"]) == (426, "websocket")
+        assert answer.json()["error"] == "upgrade_required"
+    assert missing.status_code == 404

@@ -10,7 +10,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
 
 from broadcaster.policy import Overflow
-from broadcaster.settings import ENV_PREFIX, LogFormat, LogLevel, Settings, describe_errors
+from broadcaster.settings import (
+    ENV_PREFIX,
+    LogFormat,
+    LogLevel,
+    Settings,
+    describe_errors,
+    unknown_settings,
+)
 from tests.support import JWT_SECRET, PUBLISH_TOKEN, pem
 
 if TYPE_CHECKING:
@@ -401,3 +408,17 @@ def test_bad_history_values_are_described(
     monkeypatch.setenv(ENV_PREFIX + name, value)
     [line] = describe_errors(settings_error())
     assert line.startswith(f"{ENV_PREFIX}{name}={value!r}: ")
+
+
+def test_unknown_variables_are_named_with_the_closest_setting() -> None:
+    """A misspelt BROADCASTER_ variable is found, with the setting it was likely meant to be."""
+    environ = {
+        "BROADCASTER_QUEU_MAX_MESSAGES": "5",
+        "BROADCASTER_PORT": "1",
+        "BROADCASTER_ZZZ": "1",
+        "PATH": "/bin",
+    }
+    assert unknown_settings(environ) == [
+        ("BROADCASTER_QUEU_MAX_MESSAGES", "BROADCASTER_QUEUE_MAX_MESSAGES"),
+        ("BROADCASTER_ZZZ", None),
+    ]
