@@ -50,9 +50,11 @@ class UnreadableBroker:
             link.close()
 
 
-async def test_a_read_that_keeps_failing_is_answered_with_the_error() -> None:
-    """Each failed read costs the link; after READ_TRIES the subscribe gets the error."""
-    broker = UnreadableBroker()
+@asynccontextmanager
+async def numbered_bridge(
+    broker: Any,
+) -> AsyncIterator[tuple[Bridge, list[RecoveredCommand]]]:
+    """A bridge numbering through ``broker``, up, and the answers it gives; stopped on exit."""
     answers: list[RecoveredCommand] = []
 
     async def answer_(command: RecoveredCommand) -> None:
@@ -63,12 +65,7 @@ async def test_a_read_that_keeps_failing_is_answered_with_the_error() -> None:
 
     options: dict[str, Any] = {"backplane_reconnect_min": 0.001, "backplane_reconnect_max": 0.002}
     bridge = Bridge(
-        broker,
-        HERE,
-        Settings(**options),
-        get_logger("test"),
-        jitter=lambda: 0.0,
-        sequenced=True,
+        broker, HERE, Settings(**options), get_logger("test"), jitter=lambda: 0.0, sequenced=True
     )
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -76,11 +73,18 @@ async def test_a_read_that_keeps_failing_is_answered_with_the_error() -> None:
                 lambda task_status: bridge.run(deliver, answer=answer_, task_status=task_status)
             )
             await wait_until(lambda: bridge.statistics().up)
-            bridge.topic_opened("t")
-            request = PendingSubscribe(make_subscriber(), "t", Position("E", 1), None)
-            assert bridge.recover(request)
-            await wait_until(lambda: bool(answers))
+            yield bridge, answers
             tg.cancel_scope.cancel()
+
+
+async def test_a_read_that_keeps_failing_is_answered_with_the_error() -> None:
+    """Each failed read costs the link; after READ_TRIES the subscribe gets the error."""
+    broker = UnreadableBroker()
+    async with numbered_bridge(broker) as (bridge, answers):
+        bridge.topic_opened("t")
+        request = PendingSubscribe(make_subscriber(), "t", Position("E", 1), None)
+        assert bridge.recover(request)
+        await wait_until(lambda: bool(answers))
     [command] = answers
     assert command.request is request
     assert command.error == "redis: unreadable"
@@ -133,34 +137,16 @@ async def test_a_read_waits_for_a_topic_being_unsubscribed_to_be_subscribed_agai
     """A topic wanted again while its broker subscription is being dropped is read only once
     it is subscribed again: nothing published in between can be missed."""
     broker = GatedBroker()
-    answers: list[RecoveredCommand] = []
-
-    async def answer_(command: RecoveredCommand) -> None:
-        answers.append(command)
-
-    async def deliver(topic: str, payload: Payload) -> None:
-        raise AssertionError("nothing is delivered unnumbered")
-
-    options: dict[str, Any] = {"backplane_reconnect_min": 0.001, "backplane_reconnect_max": 0.002}
-    bridge = Bridge(
-        broker, HERE, Settings(**options), get_logger("test"), jitter=lambda: 0.0, sequenced=True
-    )
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            await tg.start(
-                lambda task_status: bridge.run(deliver, answer=answer_, task_status=task_status)
-            )
-            await wait_until(lambda: bridge.statistics().up)
-            bridge.topic_opened("t")
-            await wait_until(lambda: bridge.statistics().subscribed == 1)
-            bridge.topic_closed("t")
-            await broker.unsubscribing.wait()
-            bridge.topic_opened("t")
-            assert bridge.recover(PendingSubscribe(make_subscriber(), "t", None, None))
-            await anyio.wait_all_tasks_blocked()
-            assert broker.reads == []
-            broker.gate.set()
-            await wait_until(lambda: bool(answers))
-            tg.cancel_scope.cancel()
+    async with numbered_bridge(broker) as (bridge, answers):
+        bridge.topic_opened("t")
+        await wait_until(lambda: bridge.statistics().subscribed == 1)
+        bridge.topic_closed("t")
+        await broker.unsubscribing.wait()
+        bridge.topic_opened("t")
+        assert bridge.recover(PendingSubscribe(make_subscriber(), "t", None, None))
+        await anyio.wait_all_tasks_blocked()
+        assert broker.reads == []
+        broker.gate.set()
+        await wait_until(lambda: bool(answers))
     assert broker.reads == [({"t"}, True)]
     assert len(broker.links) == 1

@@ -72,6 +72,23 @@ def answer(
     return RecoveredCommand(request.subscriber, request, request.topic, epoch, seq, outcome, replay)
 
 
+def joined(hub: Hub) -> Subscriber:
+    """A subscriber that has joined ``hub``."""
+    subscriber = make_subscriber()
+    hub.join(subscriber)
+    return subscriber
+
+
+async def subscribed(hub: Hub, sequencer: FakeSequencer, at: int) -> Subscriber:
+    """A subscriber of ``t`` whose subscribe the broker answered at seq ``at``, with nothing
+    to replay."""
+    subscriber = joined(hub)
+    await hub.subscribe(subscriber, "t")
+    await settle()
+    await hub.recovered(answer(sequencer.requests[0], at, [], outcome=None))
+    return subscriber
+
+
 async def place(hub: Hub, *seqs: int, epoch: str = "E") -> None:
     """Deliver live messages numbered by the broker; each carries its seq as data."""
     for seq in seqs:
@@ -93,8 +110,7 @@ async def test_a_read_ahead_of_the_live_messages_skips_what_it_replayed() -> Non
     sequencer = FakeSequencer()
     hub = make_hub(sequencer)
     async with running(hub):
-        subscriber = make_subscriber()
-        hub.join(subscriber)
+        subscriber = joined(hub)
         await hub.subscribe(subscriber, "t", since=Position("E", 2))
         await settle()
         [request] = sequencer.requests
@@ -134,8 +150,7 @@ async def test_an_answer_to_an_earlier_subscribe_is_ignored() -> None:
     sequencer = FakeSequencer()
     hub = make_hub(sequencer)
     async with running(hub):
-        subscriber = make_subscriber()
-        hub.join(subscriber)
+        subscriber = joined(hub)
         await hub.subscribe(subscriber, "t")
         await hub.subscribe(subscriber, "t", last=1)
         await settle()
@@ -152,11 +167,7 @@ async def test_publishes_go_to_the_broker_and_are_refused_while_it_is_down() -> 
     sequencer = FakeSequencer()
     hub = make_hub(sequencer)
     async with running(hub):
-        subscriber = make_subscriber()
-        hub.join(subscriber)
-        await hub.subscribe(subscriber, "t")
-        await settle()
-        await hub.recovered(answer(sequencer.requests[0], 0, [], outcome=None))
+        subscriber = await subscribed(hub, sequencer, at=0)
         await hub.publish("t", Payload("x"))
         await settle()
         assert sequencer.submitted == [("t", Payload("x"), 1)]
@@ -175,8 +186,7 @@ async def test_a_subscribe_the_broker_cannot_queue_is_refused() -> None:
     sequencer.room = False
     hub = make_hub(sequencer)
     async with running(hub):
-        subscriber = make_subscriber()
-        hub.join(subscriber)
+        subscriber = joined(hub)
         await hub.subscribe(subscriber, "t")
         [error] = await frames(subscriber, 1)
         assert error["error"] == "backplane_busy"
@@ -189,11 +199,7 @@ async def test_a_new_epoch_is_announced_to_subscribers_of_the_old_one() -> None:
     sequencer = FakeSequencer()
     hub = make_hub(sequencer)
     async with running(hub):
-        subscriber = make_subscriber()
-        hub.join(subscriber)
-        await hub.subscribe(subscriber, "t")
-        await settle()
-        await hub.recovered(answer(sequencer.requests[0], 7, [], outcome=None))
+        subscriber = await subscribed(hub, sequencer, at=7)
         await place(hub, 8)
         await place(hub, 1, epoch="F")
         received = await frames(subscriber, 4)
@@ -212,8 +218,7 @@ async def test_an_unsubscribe_while_pending_leaves_nothing_behind() -> None:
     sequencer = FakeSequencer()
     hub = make_hub(sequencer)
     async with running(hub):
-        subscriber = make_subscriber()
-        hub.join(subscriber)
+        subscriber = joined(hub)
         await hub.subscribe(subscriber, "t")
         await hub.unsubscribe(subscriber, "t")
         await settle()
@@ -265,8 +270,7 @@ async def test_a_pending_subscribe_whose_buffer_overflows_is_not_recovered(
     sequencer = FakeSequencer()
     hub = make_hub(sequencer)
     async with running(hub):
-        subscriber = make_subscriber()
-        hub.join(subscriber)
+        subscriber = joined(hub)
         await hub.subscribe(subscriber, "t", since=Position("E", 1))
         await settle()
         [request] = sequencer.requests
