@@ -159,6 +159,20 @@ class Bench:
             self.json_path.write_text(json.dumps(self.results))
         return results
 
+    def versus(
+        self, name: str, scenario: Scenario, classic: tuple[str, ...] = CLASSIC
+    ) -> tuple[list[Run], list[Run]]:
+        """Run ``scenario`` against the classic pattern and broadcaster in rotation; return
+        the classic pattern's runs and broadcaster's."""
+        runs = self.rotate(
+            name,
+            [
+                ("classic", self.stress(classic, scenario)),
+                ("broadcaster", self.stress(BROADCASTER, scenario)),
+            ],
+        )
+        return runs["classic"], runs["broadcaster"]
+
     def stress(self, server: tuple[str, ...], scenario: Scenario) -> Callable[[], Run]:
         """Return a thunk that runs ``scenario`` against ``server`` on the server's cores."""
         placed = replace(

@@ -55,14 +55,7 @@ def churn_latency(bench: Bench) -> list[Row]:
     unpatched, the first send to a reset client fails the publish and cuts the publisher off
     (the churn row shows that), and there would be no latency left to compare.
     """
-    runs = bench.rotate(
-        "churn latency",
-        [
-            ("classic", bench.stress(CLASSIC_DROPPING, CHURN_LATENCY)),
-            ("broadcaster", bench.stress(BROADCASTER, CHURN_LATENCY)),
-        ],
-    )
-    classic, ours = runs["classic"], runs["broadcaster"]
+    classic, ours = bench.versus("churn latency", CHURN_LATENCY, CLASSIC_DROPPING)
     theirs, mine = median([p99(r) for r in classic]), median([p99(r) for r in ours])
 
     def churn_rate(run: Run) -> float:

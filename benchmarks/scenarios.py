@@ -102,14 +102,7 @@ def isolation(bench: Bench) -> list[Row]:
 def memory(bench: Bench) -> list[Row]:
     """10 fast + 50 stalled clients, 20 msg/s of 64 KiB for 20 s."""
     scenario = Scenario(fast=10, stalled=50, rate=20, size=64 * 1024 - 512, duration=20, procs=2)
-    runs = bench.rotate(
-        "memory",
-        [
-            ("classic", bench.stress(CLASSIC, scenario)),
-            ("broadcaster", bench.stress(BROADCASTER, scenario)),
-        ],
-    )
-    classic, ours = runs["classic"], runs["broadcaster"]
+    classic, ours = bench.versus("memory", scenario)
     bound = 50 * (Settings().queue_max_bytes / MIB + TRANSPORT_ALLOWANCE_MIB)
     rate = median([r.report.publisher.achieved_rate for r in ours])
     growth = median([_growth(r) for r in ours])
@@ -143,14 +136,7 @@ def throughput(bench: Bench) -> list[Row]:
         scenario = Scenario(
             fast=500, rate=100_000, duration=0.02, size=100, mode=mode, procs=2, drain=60
         )
-        runs = bench.rotate(
-            f"throughput {mode.value}",
-            [
-                ("classic", bench.stress(CLASSIC, scenario)),
-                ("broadcaster", bench.stress(BROADCASTER, scenario)),
-            ],
-        )
-        classic, ours = runs["classic"], runs["broadcaster"]
+        classic, ours = bench.versus(f"throughput {mode.value}", scenario)
         faster = _ratios([delivery_rate(r) for r in ours], [delivery_rate(r) for r in classic])
         leaner = _ratios([cpu_per_million(r) for r in classic], [cpu_per_million(r) for r in ours])
         least = median(faster)
@@ -212,14 +198,7 @@ def history(bench: Bench) -> list[Row]:
 def churn(bench: Bench) -> list[Row]:
     """5 fast clients and 100 that come and go abruptly, while 100 msg/s are published."""
     scenario = Scenario(fast=5, churn=100, churn_stay=0.2, rate=100, duration=20, procs=2)
-    runs = bench.rotate(
-        "churn",
-        [
-            ("classic", bench.stress(CLASSIC, scenario)),
-            ("broadcaster", bench.stress(BROADCASTER, scenario)),
-        ],
-    )
-    classic, ours = runs["classic"], runs["broadcaster"]
+    classic, ours = bench.versus("churn", scenario)
 
     def verdict(runs: Sequence[Run]) -> str:
         errors = max(r.report.server.error_lines if r.report.server else 0 for r in runs)
@@ -258,14 +237,7 @@ def churn(bench: Bench) -> list[Row]:
 def connections(bench: Bench) -> list[Row]:
     """10,000 idle connections on one worker, one small message a second."""
     scenario = Scenario(fast=10_000, rate=1, size=64, duration=10, procs=2, connect_timeout=60)
-    runs = bench.rotate(
-        "connections",
-        [
-            ("classic", bench.stress(CLASSIC, scenario)),
-            ("broadcaster", bench.stress(BROADCASTER, scenario)),
-        ],
-    )
-    classic, ours = runs["classic"], runs["broadcaster"]
+    classic, ours = bench.versus("connections", scenario)
 
     def per_connection(run: Run) -> float | None:
         return _per_connection(run, 10_000)
