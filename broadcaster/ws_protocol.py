@@ -235,8 +235,9 @@ class WebSocketProtocol(asyncio.Protocol):
         """Act on the frames received, until the app has ``INBOX_BYTES`` of messages waiting;
         what is left waits in wsproto's buffer (reading is paused) until the app catches up."""
         assert self._conn is not None
+        now = self._loop.time()  # once per read: its frames arrived together
         for event in self._conn.events():
-            over = self._inbound.charge(event, self._loop.time())
+            over = self._inbound.charge(event, now)
             if over is not None:
                 if self._close_sent:
                     self._abort()  # still flooding after the close frame
