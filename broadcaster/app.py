@@ -161,9 +161,7 @@ class Broadcaster:
         self._handshakes = AddressLimiter(
             settings.max_handshakes_per_second, settings.handshake_addresses
         )
-        self.publishing = HTTPPublish(
-            self.hub, self._auth, settings.max_message_bytes, self.count_refusal
-        )
+        self.publishing = HTTPPublish(self.hub, self._auth, settings, self.count_refusal)
         # Addresses whose connection was closed for flooding, refused for FLOOD_PENALTY.
         self._penalties = PenaltyBox(settings.flood_penalty, settings.handshake_addresses)
         # WebSocket connections admitted and not yet ended, for BROADCASTER_MAX_CONNECTIONS.
@@ -376,6 +374,13 @@ class Broadcaster:
             """Publish the body to ``topic``; answer with its receipt (see the README)."""
             return await self.publishing.respond(topic, request.scope, request.receive)
 
+        @router.post("/publish")
+        async def publish_batch(request: Request) -> Response:
+            """Publish a batch: a JSON array or JSON lines of ``{"topic", "data"}`` items, or
+            ``{"topics": [...], "data"}`` broadcasts; answer with one result per item and
+            topic, in order (see the README)."""
+            return await self.publishing.respond_batch(request.scope, request.receive)
+
         @router.get("/history/{topic}")
         async def history(topic: str, request: Request) -> Response:
             peer = f"{request.client.host}:{request.client.port}" if request.client else None
@@ -508,10 +513,15 @@ class _App(FastAPI):
             path = _path(scope)
             publish = _segment(path, "/publish/")
             websocket = path == "/ws" or _segment(path, "/ws/") is not None
-            if scope["type"] == "http" and scope["method"] == "POST" and publish is not None:
-                response = await self._live.publishing.respond(publish, scope, receive)
-                await response(scope, receive, send)
-                return
+            if scope["type"] == "http" and scope["method"] == "POST":
+                if publish is not None:
+                    response = await self._live.publishing.respond(publish, scope, receive)
+                    await response(scope, receive, send)
+                    return
+                if path == "/publish":
+                    response = await self._live.publishing.respond_batch(scope, receive)
+                    await response(scope, receive, send)
+                    return
             if scope["type"] == "websocket" and websocket:
                 topic = _segment(path, "/ws/")
                 await self._live.serve(WebSocket(scope, receive, send), topic)

@@ -115,11 +115,22 @@ class Authenticator:
         """
         if self._publish_open:
             return
+        if not self.publish_topics(authorization).matches(topic):
+            raise Refused(403, "forbidden_topic", "the token does not allow publishing here")
+
+    def publish_topics(self, authorization: str | None) -> TopicPatterns:
+        """Return the topics an HTTP publish's ``Authorization`` header may publish to.
+
+        Raises:
+            Refused: 401 ``missing_token`` (with ``WWW-Authenticate``) without a bearer
+                token; 403 ``invalid_token`` or ``token_expired``.
+        """
+        if self._publish_open:
+            return EVERY_TOPIC
         credential = bearer(authorization)
         if credential is None:
             raise Refused(401, "missing_token", "publishing needs a bearer token", CHALLENGE)
-        if not self.grant(credential).publish.matches(topic):
-            raise Refused(403, "forbidden_topic", "the token does not allow publishing here")
+        return self.grant(credential).publish
 
     def grant(self, credential: str | None) -> Grant:
         """Return what ``credential`` allows.

@@ -23,13 +23,14 @@ from broadcaster.errors import (
     CloseCode,
     Closing,
     Flooding,
+    HubBusy,
     HubStopped,
     LagCause,
     ProtocolError,
     ShuttingDown,
     SlowConsumer,
 )
-from broadcaster.mailbox import Source, Subscriber
+from broadcaster.mailbox import Receipt, Source, Subscriber
 from broadcaster.metrics import Totals
 from broadcaster.outbox import Outbox
 from broadcaster.policy import TokenBucket
@@ -41,6 +42,7 @@ from broadcaster.protocol import (
     Ping,
     Publish,
     Subscribe,
+    ack_frame,
     error_frame,
     parse_frame,
 )
@@ -296,10 +298,13 @@ class Connection:
                 await self._hub.ping(self._subscriber)
             elif isinstance(command, Publish):
                 try:
-                    await self._hub.publish_eagerly(command.topic, command.payload, Source.WS)
+                    if command.id is None:
+                        await self._hub.publish_eagerly(command.topic, command.payload, Source.WS)
+                    else:
+                        await self._publish_acked(command, command.id)
                 except BackplaneDown as error:
                     self._totals.refused["backplane_down"] += 1
-                    refusal = ProtocolError("backplane_down", str(error))
+                    refusal = ProtocolError("backplane_down", str(error), command.id)
                     self.outbox.offer(error_frame(refusal))
             elif isinstance(command, Subscribe):
                 self._subscribing = True
@@ -309,6 +314,24 @@ class Connection:
             else:
                 self._subscribing = False
                 await self._hub.unsubscribe(self._subscriber, command.topic)
+
+    async def _publish_acked(self, command: Publish, ack: str | int) -> None:
+        """Publish, and have the hub queue the ack (or the refusal) once it has the position:
+        the reader does not wait for it, so a publisher may have many acks outstanding."""
+        on_done = partial(self._ack, ack, command.topic)
+        try:
+            self._hub.publish_nowait(command.topic, command.payload, Source.WS, on_done)
+        except HubBusy:
+            await self._hub.publish_pending(command.topic, command.payload, Source.WS, on_done)
+
+    def _ack(self, ack: str | int, topic: str, outcome: Receipt | BackplaneDown | None) -> None:
+        # Runs in the hub's task: it only queues a control frame. None: the hub stopped, and
+        # the connection is closing with 1011.
+        if isinstance(outcome, Receipt):
+            self.outbox.offer(ack_frame(ack, topic, outcome.epoch, outcome.seq))
+        elif outcome is not None:
+            self._totals.refused["backplane_down"] += 1
+            self.outbox.offer(error_frame(ProtocolError("backplane_down", str(outcome), ack)))
 
     def _check_rate(self, limits: tuple[TokenBucket, TokenBucket], message: str | bytes) -> None:
         """Hold the client to the message size and its messages and bytes a second.
@@ -342,9 +365,11 @@ class Connection:
         """
         if isinstance(command, Publish):
             if not self._client_publish:
-                raise ProtocolError("publish_disabled", "this server takes no client publishes")
+                detail = "this server takes no client publishes"
+                raise ProtocolError("publish_disabled", detail, command.id)
             if not self._grant.publish.matches(command.topic):
-                raise ProtocolError("forbidden_topic", "the token does not allow publishing here")
+                detail = "the token does not allow publishing here"
+                raise ProtocolError("forbidden_topic", detail, command.id)
         elif isinstance(command, Subscribe) and not self._grant.subscribe.matches(command.topic):
             raise ProtocolError("forbidden_topic", "the token does not allow this topic")
 

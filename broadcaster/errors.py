@@ -61,12 +61,14 @@ class ProtocolError(BroadcasterError):
     Args:
         error: a stable snake_case code for clients to match on.
         detail: a sentence for humans.
+        id: the ``id`` of the publish it refuses, when the client asked for an ack.
     """
 
-    def __init__(self, error: str, detail: str) -> None:
+    def __init__(self, error: str, detail: str, id: str | int | None = None) -> None:
         super().__init__(f"{error}: {detail}")
         self.error = error
         self.detail = detail
+        self.id = id
 
 
 class HubBusy(BroadcasterError):

@@ -245,9 +245,14 @@ class Hub:
             await self.publish(topic, payload, source)
 
     def publish_nowait(
-        self, topic: str, payload: Payload, source: Source = Source.APP
+        self,
+        topic: str,
+        payload: Payload,
+        source: Source = Source.APP,
+        on_done: Callable[[Receipt | BackplaneDown | None], None] | None = None,
     ) -> PendingReceipt:
-        """Publish to ``topic`` without waiting.
+        """Publish to ``topic`` without waiting; ``on_done`` is the receipt's (see
+        :class:`~broadcaster.mailbox.PendingReceipt`).
 
         Raises:
             HubBusy: the mailbox is full.
@@ -258,11 +263,30 @@ class Hub:
         if self._mailbox is None:
             raise HubStopped
         self._check_sequencer(source)
-        receipt = PendingReceipt()
+        receipt = PendingReceipt(on_done)
         try:
             self._mailbox.send_nowait(PublishCommand(topic, payload, source, receipt))
         except anyio.WouldBlock:
             raise HubBusy from None
+        return receipt
+
+    async def publish_pending(
+        self,
+        topic: str,
+        payload: Payload,
+        source: Source,
+        on_done: Callable[[Receipt | BackplaneDown | None], None] | None = None,
+    ) -> PendingReceipt:
+        """Publish like :meth:`publish_nowait`, but wait for mailbox room instead of raising
+        :exc:`HubBusy` (pushes back on the publisher).
+
+        Raises:
+            HubStopped: the hub is not running.
+            BackplaneDown: as for :meth:`publish_nowait`.
+        """
+        self._check_sequencer(source)
+        receipt = PendingReceipt(on_done)
+        await self._send(PublishCommand(topic, payload, source, receipt))
         return receipt
 
     def history(

@@ -15,7 +15,7 @@ import anyio
 from broadcaster.errors import BackplaneDown, HubStopped
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from broadcaster.outbox import Outbox
     from broadcaster.protocol import Mode, Payload, Position
@@ -57,22 +57,32 @@ class Receipt:
 
 
 class PendingReceipt:
-    """A :class:`Receipt` the hub fills in once it has fanned the publish out."""
+    """A :class:`Receipt` the hub fills in once it has fanned the publish out.
 
-    __slots__ = ("_done", "_error", "_event", "_receipt")
+    Args:
+        on_done: called, in the hub's task, with the receipt, the refusal, or ``None`` when
+            the hub stopped first; it must not block (a connection queues its ack with it).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_done", "_error", "_event", "_on_done", "_receipt")
+
+    def __init__(
+        self, on_done: Callable[[Receipt | BackplaneDown | None], None] | None = None
+    ) -> None:
         self._done = False
         self._receipt: Receipt | None = None
         self._error: BackplaneDown | None = None
         # Made only when somebody waits: most publishes are never asked about.
         self._event: anyio.Event | None = None
+        self._on_done = on_done
 
     def _set(self, receipt: Receipt | None) -> None:
         self._receipt = receipt
         self._done = True
         if self._event is not None:
             self._event.set()
+        if self._on_done is not None:
+            self._on_done(self._error or receipt)
 
     def _fail(self, error: BackplaneDown) -> None:
         """The publish was refused: no position was given to it."""

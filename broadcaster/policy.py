@@ -111,8 +111,9 @@ class AddressLimiter:
         self._max_addresses = max_addresses
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
-    def allow(self, address: str, now: float) -> bool:
-        """Count one request from ``address`` at ``now``; say whether it is within the limit."""
+    def allow(self, address: str, now: float, amount: float = 1) -> bool:
+        """Count ``amount`` (one request, by default) from ``address`` at ``now``; say whether
+        it is within the limit."""
         bucket = self._buckets.get(address)
         if bucket is None:
             if len(self._buckets) >= self._max_addresses:
@@ -120,7 +121,7 @@ class AddressLimiter:
             bucket = self._buckets[address] = TokenBucket.full(self._rate, self._capacity, now)
         else:
             self._buckets.move_to_end(address)
-        return bucket.take(1, now)
+        return bucket.take(amount, now)
 
     def __len__(self) -> int:
         return len(self._buckets)

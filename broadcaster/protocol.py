@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 # The longest epoch a client may send back; the server's are much shorter.
 MAX_EPOCH_LENGTH = 64
+# The longest string a publish's ``id`` may be.
+MAX_ACK_ID_LENGTH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,10 +153,12 @@ class Unsubscribe:
 
 @dataclass(frozen=True, slots=True)
 class Publish:
-    """Publish ``payload`` to every subscriber of ``topic``."""
+    """Publish ``payload`` to every subscriber of ``topic``; with an ``id``, the client is
+    answered with an ``ack`` carrying the position (or an ``error`` with that ``id``)."""
 
     topic: str
     payload: Payload
+    id: str | int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +191,7 @@ def parse_frame(frame: str | bytes) -> Command:
     """
     if isinstance(frame, bytes):
         raise ProtocolError("binary_frame", "multiplexed mode takes JSON text frames only")
-    message = _loads(frame)
+    message = parse_json(frame)
     if not isinstance(message, dict):
         raise ProtocolError("invalid_frame", "a frame is a JSON object with an 'op' field")
     op = message.get("op")
@@ -195,16 +199,36 @@ def parse_frame(frame: str | bytes) -> Command:
         return Ping()
     if op not in ("subscribe", "unsubscribe", "publish"):
         raise ProtocolError("unknown_op", "op is one of subscribe, unsubscribe, publish, ping")
+    if op == "publish":
+        return _publish(message)
     if "topic" not in message:
         raise ProtocolError("missing_field", f"{op} needs a 'topic'")
     topic = validate_topic(message["topic"])
     if op == "subscribe":
         return _subscribe(topic, message)
-    if op == "unsubscribe":
-        return Unsubscribe(topic)
-    if "data" not in message:
-        raise ProtocolError("missing_field", "publish needs 'data'")
-    return Publish(topic, payload_of(message["data"]))
+    return Unsubscribe(topic)
+
+
+def _publish(message: dict[str, Any]) -> Publish:
+    ack = message.get("id")
+    if ack is not None and not (isinstance(ack, str) and 0 < len(ack) <= MAX_ACK_ID_LENGTH):
+        try:
+            ack = parse_count(ack, "id", "invalid_id")
+        except ProtocolError:
+            detail = (
+                f"id is a string of 1 to {MAX_ACK_ID_LENGTH} characters "
+                "or an integer from 0 to 2**63 - 1"
+            )
+            raise ProtocolError("invalid_id", detail) from None
+    try:
+        if "topic" not in message:
+            raise ProtocolError("missing_field", "publish needs a 'topic'")
+        topic = validate_topic(message["topic"])
+        if "data" not in message:
+            raise ProtocolError("missing_field", "publish needs 'data'")
+        return Publish(topic, payload_of(message["data"]), ack)
+    except ProtocolError as error:
+        raise ProtocolError(error.error, error.detail, ack) from None
 
 
 def _subscribe(topic: str, message: dict[str, Any]) -> Subscribe:
@@ -306,7 +330,7 @@ def parse_json_body(body: bytes) -> Payload:
     Raises:
         ProtocolError: ``invalid_json``.
     """
-    return payload_of(_loads(body))
+    return payload_of(parse_json(body))
 
 
 def control_frame(op: str, **fields: str | int | bool) -> Frame:
@@ -326,11 +350,24 @@ def history_body(
 
 
 def error_frame(error: ProtocolError) -> Frame:
-    """Encode the frame that answers a bad client frame."""
+    """Encode the frame that answers a bad client frame (with the ``id`` of a publish that
+    asked for an ack)."""
+    if error.id is not None:
+        return control_frame("error", id=error.id, error=error.error, detail=error.detail)
     return control_frame("error", error=error.error, detail=error.detail)
 
 
-def _loads(text: str | bytes) -> Any:
+def ack_frame(ack: str | int, topic: str, epoch: str, seq: int) -> Frame:
+    """Encode the answer to a publish that asked for an ack: the position it was given."""
+    return control_frame("ack", id=ack, topic=topic, epoch=epoch, seq=seq)
+
+
+def parse_json(text: str | bytes) -> Any:
+    """Parse JSON text sent by a client (``NaN`` and infinities are not JSON).
+
+    Raises:
+        ProtocolError: ``invalid_json``.
+    """
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except ValueError as error:

@@ -1,15 +1,23 @@
-"""``POST /publish/{topic}``: one HTTP publish, from its request to its receipt.
+"""``POST /publish/{topic}`` and ``POST /publish``: HTTP publishes, from request to receipts.
 
 :class:`HTTPPublish` answers a publish from the ASGI scope and receive channel alone, with no
 per-request machinery: the app from ``create_app`` serves it before FastAPI's middleware and
-router, and the FastAPI route (which keeps the endpoint in the OpenAPI schema, and serves
-apps that mount the router themselves) calls the same method. Nothing is logged on success.
+router, and the FastAPI routes (which keep the endpoints in the OpenAPI schema, and serve
+apps that mount the router themselves) call the same methods. Nothing is logged on success.
+
+A batch (``POST /publish``) is a JSON array or JSON lines of items ``{"topic", "data"}`` or
+``{"topics": [...], "data"}`` (a broadcast: the data is encoded once for all its topics).
+The request as a whole is refused for its credential (401, 403), its size or message count
+(413), its client's rate (429) or a stopped hub (503). Past that, items are independent: a
+bad item, or a topic the token may not publish to, gets an error in its place among the
+results, and every other item is still published, in order.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
 
@@ -23,19 +31,30 @@ from broadcaster.errors import (
     Refused,
 )
 from broadcaster.mailbox import Source
-from broadcaster.protocol import Payload, parse_json_body, validate_topic
+from broadcaster.policy import AddressLimiter
+from broadcaster.protocol import (
+    Payload,
+    parse_json,
+    parse_json_body,
+    payload_of,
+    validate_topic,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from starlette.types import Receive, Scope
 
-    from broadcaster.auth import Authenticator
+    from broadcaster.auth import Authenticator, TopicPatterns
     from broadcaster.hub import Hub
+    from broadcaster.mailbox import PendingReceipt
+    from broadcaster.settings import Settings
 
 JSON = "application/json"
 # A publisher that left before its body arrived; 499 as nginx logs it, never sent.
 CLIENT_GONE = Refused(499, "client_disconnected", "the client left before its body arrived")
+# The addresses whose batch rate is tracked, as for handshakes.
+BATCH_ADDRESSES = 10_000
 
 
 class HTTPPublish:
@@ -44,24 +63,31 @@ class HTTPPublish:
     Args:
         hub: the running hub.
         auth: checks the request's bearer token against the topic.
-        max_body: the largest body, ``BROADCASTER_MAX_MESSAGE_BYTES``.
-        count_refusal: counts and logs (at debug level) a refused request.
+        settings: the size limits (``MAX_MESSAGE_BYTES`` for a message, ``MAX_BATCH_*`` for
+            a batch) and the batch rate per client address.
+        count_refusal: counts and logs (at debug level) a refused request or batch item.
     """
 
     def __init__(
         self,
         hub: Hub,
         auth: Authenticator,
-        max_body: int,
+        settings: Settings,
         count_refusal: Callable[[Refused, str | None], None],
     ) -> None:
         self._hub = hub
         self._auth = auth
-        self._max_body = max_body
+        self._max_body = settings.max_message_bytes
+        self._max_batch_messages = settings.max_batch_messages
+        self._batch_rate = AddressLimiter(settings.max_batch_messages_per_second, BATCH_ADDRESSES)
         self._count_refusal = count_refusal
         self._too_large = Refused(
-            413, "body_too_large", f"the body is larger than {max_body} bytes"
+            413, "body_too_large", f"the body is larger than {self._max_body} bytes"
         )
+        self._batch_too_large = Refused(
+            413, "body_too_large", f"the body is larger than {settings.max_batch_bytes} bytes"
+        )
+        self._max_batch_bytes = settings.max_batch_bytes
 
     async def respond(self, topic: str, scope: Scope, receive: Receive) -> Response:
         """Publish the request's body to ``topic`` and return the response that answers it:
@@ -80,7 +106,7 @@ class HTTPPublish:
                 validate_topic(topic)
             except ProtocolError as error:
                 raise Refused(400, error.error, error.detail) from None
-            body = await self._read_body(headers, receive)
+            body = await self._read_body(headers, receive, self._max_body, self._too_large)
         except Refused as refused:
             if refused is CLIENT_GONE and scope.get("extensions", {}).get(SERVER_REFUSAL):
                 # The server cut the body off and counted that itself.
@@ -111,25 +137,192 @@ class HTTPPublish:
         }
         return Response(json.dumps(fields, separators=(",", ":")), media_type=JSON)
 
-    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
-        """Read the body, up to the limit.
+    async def respond_batch(self, scope: Scope, receive: Receive) -> Response:
+        """Publish a batch and return the response that answers it: 200 with one result per
+        item and topic, in order (a receipt, or the error that refused that item or topic);
+        401, 403, 400, 413, 429 or 503 with ``{"detail": ...}`` for the request as a whole."""
+        client = scope.get("client")
+        peer = f"{client[0]}:{client[1]}" if client else None
+        headers = dict(scope["headers"])
+        try:
+            authorization = headers.get(b"authorization")
+            allowed = self._auth.publish_topics(
+                authorization.decode("latin-1") if authorization else None
+            )
+            body = await self._read_body(
+                headers, receive, self._max_batch_bytes, self._batch_too_large
+            )
+            items = _batch_items(body, self._max_body)
+            count = sum(len(item[0]) if isinstance(item, tuple) else 1 for item in items)
+            if count > self._max_batch_messages:
+                raise Refused(
+                    413,
+                    "too_many_messages",
+                    f"the batch has {count} messages; at most {self._max_batch_messages}",
+                )
+            if not self._batch_rate.allow(client[0] if client else "", time.monotonic(), count):
+                raise Refused(
+                    429, "rate_limited", "too many batched messages; retry shortly", RETRY
+                )
+            results = await self._publish_items(items, allowed, peer)
+        except Refused as refused:
+            if refused is CLIENT_GONE and scope.get("extensions", {}).get(SERVER_REFUSAL):
+                return Response(status_code=refused.status)
+            self._count_refusal(refused, peer)
+            return _detail(refused.status, refused.detail, refused.headers)
+        failed = sum(1 for result in results if "error" in result)
+        answer = {"published": len(results) - failed, "failed": failed, "results": results}
+        return Response(json.dumps(answer, separators=(",", ":")), media_type=JSON)
+
+    async def _publish_items(
+        self, items: list[_Item | ProtocolError], allowed: TopicPatterns, peer: str | None
+    ) -> list[dict[str, Any]]:
+        """Publish every valid item to each of its topics; return the results in order.
+
+        Every message is queued for the hub before any receipt is awaited, so that the hub
+        fans the batch out in one burst.
 
         Raises:
-            Refused: 413 ``body_too_large``; :data:`CLIENT_GONE` when the client leaves.
+            Refused: 503 when the hub is not running, before anything is published.
+        """
+        # Each entry: (item, topic, pending receipt or the error that refused it).
+        queued: list[tuple[int, str | None, PendingReceipt | ProtocolError]] = []
+        published = False
+        for index, item in enumerate(items):
+            if isinstance(item, ProtocolError):
+                queued.append((index, None, item))
+                continue
+            topics, payload = item
+            for topic in topics:
+                if not allowed.matches(topic):
+                    detail = "the token does not allow publishing here"
+                    queued.append((index, topic, ProtocolError("forbidden_topic", detail)))
+                    continue
+                try:
+                    try:
+                        pending = self._hub.publish_nowait(topic, payload, Source.HTTP)
+                    except HubBusy:
+                        pending = await self._hub.publish_pending(topic, payload, Source.HTTP)
+                except HubStopped:
+                    if not published:
+                        raise Refused(503, "hub_stopped", "the hub is not running", RETRY) from None
+                    queued.append((index, topic, ProtocolError("hub_stopped", "the hub stopped")))
+                    continue
+                except BackplaneDown as error:
+                    queued.append((index, topic, ProtocolError("backplane_down", str(error))))
+                    continue
+                queued.append((index, topic, pending))
+                published = True
+        return [await self._result(index, topic, outcome, peer) for index, topic, outcome in queued]
+
+    async def _result(
+        self,
+        index: int,
+        topic: str | None,
+        outcome: PendingReceipt | ProtocolError,
+        peer: str | None,
+    ) -> dict[str, Any]:
+        """One message's result: its receipt once the hub has it, or why it was refused."""
+        if not isinstance(outcome, ProtocolError):
+            try:
+                receipt = await outcome.wait()
+            except HubStopped:
+                outcome = ProtocolError("hub_stopped", "the hub stopped")
+            except BackplaneDown as error:
+                outcome = ProtocolError("backplane_down", str(error))
+            else:
+                return {
+                    "item": index,
+                    "topic": topic,
+                    "epoch": receipt.epoch,
+                    "seq": receipt.seq,
+                    "subscribers": receipt.subscribers,
+                }
+        self._count_refusal(Refused(400, outcome.error, outcome.detail), peer)
+        return {"item": index, "topic": topic, "error": outcome.error, "detail": outcome.detail}
+
+    async def _read_body(
+        self, headers: dict[bytes, bytes], receive: Receive, limit: int, too_large: Refused
+    ) -> bytes:
+        """Read the body, up to ``limit`` bytes.
+
+        Raises:
+            Refused: ``too_large``; :data:`CLIENT_GONE` when the client leaves.
         """
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
-            raise self._too_large
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
         body = bytearray()
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise CLIENT_GONE
             body += message.get("body", b"")
-            if len(body) > self._max_body:
-                raise self._too_large
+            if len(body) > limit:
+                raise too_large
             if not message.get("more_body", False):
                 return bytes(body)
+
+
+# A valid batch item: its topics and its payload, encoded once for all of them.
+_Item = tuple[tuple[str, ...], Payload]
+
+
+def _batch_items(body: bytes, max_message_bytes: int) -> list[_Item | ProtocolError]:
+    """Read a batch: a JSON array of items, or JSON lines (one item a line, blank lines
+    skipped). A line or item that cannot be read becomes the error that says why.
+
+    Raises:
+        Refused: 400 ``invalid_batch``: an array that does not parse, or no items at all.
+    """
+    text = body.lstrip()
+    values: list[Any]
+    if text.startswith(b"["):
+        try:
+            values = parse_json(text)
+        except ProtocolError as error:
+            detail = f"the body is not a JSON array: {error.detail}"
+            raise Refused(400, "invalid_batch", detail) from None
+    else:
+        values = []
+        for line in text.splitlines():
+            if line.strip():
+                try:
+                    values.append(parse_json(line))
+                except ProtocolError as error:
+                    values.append(error)
+    if not values:
+        raise Refused(400, "invalid_batch", "the batch has no items")
+    return [
+        value if isinstance(value, ProtocolError) else _item(value, max_message_bytes)
+        for value in values
+    ]
+
+
+def _item(value: Any, max_message_bytes: int) -> _Item | ProtocolError:
+    """Check one batch item: its topics, and data that encodes as JSON within the size limit."""
+    if not isinstance(value, dict) or "data" not in value:
+        return ProtocolError(
+            "invalid_item", 'an item is an object with "topic" (or "topics") and "data"'
+        )
+    if ("topic" in value) == ("topics" in value):
+        return ProtocolError("invalid_item", 'an item has "topic" or "topics", not both')
+    names = [value["topic"]] if "topic" in value else value["topics"]
+    if not isinstance(names, list) or not names:
+        return ProtocolError("invalid_item", '"topics" is a non-empty list of topic names')
+    try:
+        topics = tuple(validate_topic(name) for name in names)
+        if len(set(topics)) != len(topics):
+            return ProtocolError("invalid_item", '"topics" names each topic once')
+        payload = payload_of(value["data"])
+    except ProtocolError as error:
+        return error
+    text = payload.json
+    assert text is not None  # from_data always encodes the JSON text
+    if (len(text) if text.isascii() else len(text.encode())) > max_message_bytes:
+        detail = f"the data is larger than {max_message_bytes} bytes"
+        return ProtocolError("message_too_big", detail)
+    return topics, payload
 
 
 def _payload(content_type: str, body: bytes) -> Payload:

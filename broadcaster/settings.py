@@ -262,6 +262,19 @@ class Settings(BaseSettings):
         description="WebSocket handshakes a second from one client address (a second's worth "
         "in a burst); past it they get 429.",
     )
+    max_batch_bytes: PositiveInt = Field(
+        1024 * 1024, description="Largest body of a batch publish (POST /publish); past it 413."
+    )
+    max_batch_messages: PositiveInt = Field(
+        10_000,
+        description="Messages one batch publish may carry, each topic of a broadcast item "
+        "counting as one; past it 413.",
+    )
+    max_batch_messages_per_second: PositiveFloat = Field(
+        1_000_000.0,
+        description="Messages a second one client address may publish in batches (a second's "
+        "worth in a burst); a batch that would exceed it gets 429.",
+    )
     flood_penalty: Annotated[float, Field(ge=0)] = Field(
         10.0,
         description="Seconds a client address whose connection was closed for sending faster "
@@ -407,6 +420,12 @@ class Settings(BaseSettings):
                 f"{ENV_PREFIX}MAX_MESSAGE_BYTES ({self.max_message_bytes}) must not exceed "
                 f"{ENV_PREFIX}MAX_BYTES_PER_SECOND ({self.max_bytes_per_second}): "
                 "a message larger than a second's allowance could never be sent"
+            )
+        if self.max_batch_messages > self.max_batch_messages_per_second:
+            raise ValueError(
+                f"{ENV_PREFIX}MAX_BATCH_MESSAGES ({self.max_batch_messages}) must not exceed "
+                f"{ENV_PREFIX}MAX_BATCH_MESSAGES_PER_SECOND "
+                f"({self.max_batch_messages_per_second:g}): a full batch could never be sent"
             )
         if self.jwt_secret is not None and self.jwt_public_key is not None:
             raise ValueError(

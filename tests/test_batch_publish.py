@@ -1,0 +1,225 @@
+"""``POST /publish``: batches and broadcasts, with a result per item and topic, and every refusal
+of the request as a whole and of one item."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import FastAPI
+from pydantic import ValidationError
+
+from broadcaster.app import Broadcaster
+from broadcaster.auth import CHALLENGE
+from broadcaster.settings import Settings
+from tests.support import (
+    JWT_SECRET,
+    PUBLISH_TOKEN,
+    client,
+    receive_envelopes,
+    running_server,
+    scrape,
+    subscribe,
+    token,
+)
+
+if TYPE_CHECKING:
+    from tests.support import LiveServer
+
+
+def settings(**overrides: object) -> Settings:
+    """Settings with JSON logs and ``overrides``."""
+    return Settings.model_validate({"log_format": "json", **overrides})
+
+
+async def post(live: LiveServer, body: object, **headers: str) -> httpx.Response:
+    """POST a batch: ``body`` as a JSON array unless it is already text."""
+    content = body if isinstance(body, str | bytes) else json.dumps(body)
+    async with httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http:
+        return await http.post("/publish", content=content, headers=headers)
+
+
+def positions(answer: httpx.Response) -> list[tuple[int, str, int]]:
+    """The (item, topic, seq) of each receipt in a batch's answer."""
+    return [(r["item"], r["topic"], r["seq"]) for r in answer.json()["results"] if "seq" in r]
+
+
+def errors(answer: httpx.Response) -> list[tuple[int, str | None, str]]:
+    """The (item, topic, error) of each refused message in a batch's answer."""
+    results = answer.json()["results"]
+    return [(r["item"], r["topic"], r["error"]) for r in results if "error" in r]
+
+
+async def test_a_batch_is_published_in_order_with_a_receipt_per_item_and_topic() -> None:
+    """Items reach subscribers in order; a broadcast item reaches each of its topics, and every
+    message gets its receipt with epoch and seq, in item order."""
+    async with running_server() as live, client(live.ws_url()) as ws:
+        await subscribe(ws, "a", "b")
+        batch = [
+            {"topic": "a", "data": 1},
+            {"topics": ["a", "b", "c"], "data": {"x": "y"}},
+            {"topic": "b", "data": "text"},
+        ]
+        answer = await post(live, batch)
+        delivered = await receive_envelopes(ws, 4)
+    assert answer.status_code == 200
+    assert (answer.json()["published"], answer.json()["failed"]) == (5, 0)
+    assert positions(answer) == [(0, "a", 1), (1, "a", 2), (1, "b", 1), (1, "c", 1), (2, "b", 2)]
+    results = answer.json()["results"]
+    assert {r["epoch"] for r in results[:2]} == {results[0]["epoch"]}
+    assert [r["subscribers"] for r in results] == [1, 1, 1, 0, 1]
+    assert [(e["topic"], e["seq"], e["data"]) for e in delivered] == [
+        ("a", 1, 1),
+        ("a", 2, {"x": "y"}),
+        ("b", 1, {"x": "y"}),
+        ("b", 2, "text"),
+    ]
+
+
+async def test_json_lines_are_a_batch_and_a_bad_line_is_a_bad_item() -> None:
+    """JSON lines publish like an array; a line that is not JSON is refused alone."""
+    body = '{"topic":"a","data":1}\n\nnot json\n{"topic":"a","data":2}\n'
+    async with running_server() as live:
+        answer = await post(live, body, **{"content-type": "application/x-ndjson"})
+    assert answer.status_code == 200
+    assert positions(answer) == [(0, "a", 1), (2, "a", 2)]
+    assert errors(answer) == [(1, None, "invalid_json")]
+
+
+async def test_a_broadcast_to_a_thousand_topics_is_one_request() -> None:
+    """One item naming 1,000 topics publishes once to each, with 1,000 receipts."""
+    topics = [f"user.{n}" for n in range(1000)]
+    async with running_server() as live:
+        answer = await post(live, [{"topics": topics, "data": {"notice": "hello"}}])
+    assert answer.status_code == 200
+    assert [r["topic"] for r in answer.json()["results"]] == topics
+    assert {r["seq"] for r in answer.json()["results"]} == {1}
+
+
+async def test_bad_items_are_refused_one_by_one_and_the_rest_goes_out() -> None:
+    """Each kind of bad item gets its own error in its place; the good items are published
+    and the refusals are counted."""
+    batch: list[Any] = [
+        {"topic": "ok", "data": 0},
+        "not an object",
+        {"topic": "ok"},
+        {"topic": "a", "topics": ["b"], "data": 1},
+        {"topics": [], "data": 1},
+        {"topics": ["x", "x"], "data": 1},
+        {"topic": "bad topic", "data": 1},
+        {"topics": ["fine", 7], "data": 1},
+        {"topic": "ok", "data": "\ud800"},
+        {"topic": "ok", "data": "x" * 2000},
+        {"topic": "ok", "data": 1},
+    ]
+    # A lone surrogate cannot be published: json.dumps escapes it, the server refuses it.
+    async with running_server(settings(max_message_bytes=1024)) as live:
+        answer = await post(live, batch)
+        samples = await scrape(live)
+    assert answer.status_code == 200
+    assert positions(answer) == [(0, "ok", 1), (10, "ok", 2)]
+    assert errors(answer) == [
+        (1, None, "invalid_item"),
+        (2, None, "invalid_item"),
+        (3, None, "invalid_item"),
+        (4, None, "invalid_item"),
+        (5, None, "invalid_item"),
+        (6, None, "invalid_topic"),
+        (7, None, "invalid_topic"),
+        (8, None, "invalid_json"),
+        (9, None, "message_too_big"),
+    ]
+    assert all(r["detail"] for r in answer.json()["results"] if "error" in r)
+    assert samples[("broadcaster_refused_total", (("reason", "invalid_item"),))] == 5
+
+
+async def test_topics_the_token_may_not_publish_to_are_refused_alone() -> None:
+    """A JWT granting ``news.*`` publishes there; its other topics are refused per topic,
+    within a broadcast too."""
+    granted = {"authorization": f"Bearer {token(publish=['news.*'])}"}
+    batch = [{"topics": ["news.eu", "sport", "news.us"], "data": 1}, {"topic": "sport", "data": 2}]
+    async with running_server(settings(jwt_secret=JWT_SECRET)) as live:
+        answer = await post(live, batch, **granted)
+    assert answer.status_code == 200
+    assert positions(answer) == [(0, "news.eu", 1), (0, "news.us", 1)]
+    assert errors(answer) == [(0, "sport", "forbidden_topic"), (1, "sport", "forbidden_topic")]
+
+
+async def test_requests_are_refused_whole_for_their_credential_size_count_and_rate() -> None:
+    """401 without a token, 403 with a bad one, 400 for a body that is not a batch, 413 for
+    too many bytes or messages, 429 past the rate; nothing of them is published."""
+    limits = settings(
+        publish_tokens=PUBLISH_TOKEN,
+        max_batch_bytes=4096,
+        max_batch_messages=10,
+        max_batch_messages_per_second=15,
+    )
+    bearer = {"authorization": f"Bearer {PUBLISH_TOKEN}"}
+    ten = [{"topics": [f"t{n}" for n in range(5)], "data": n} for n in range(2)]
+    async with running_server(limits) as live:
+        missing = await post(live, ten)
+        forged = await post(live, ten, authorization="Bearer forged-token-0123456789")
+        not_array = await post(live, "[1, 2", **bearer)
+        empty = await post(live, "\n\n", **bearer)
+        too_large = await post(live, [{"topic": "t", "data": "x" * 5000}], **bearer)
+        too_many = await post(live, [*ten, {"topic": "t", "data": 0}], **bearer)
+        allowed = await post(live, ten, **bearer)
+        limited = await post(live, ten, **bearer)
+        topics = live.broadcaster.hub.statistics().published
+    assert (missing.status_code, missing.headers["www-authenticate"]) == (
+        401,
+        CHALLENGE["WWW-Authenticate"],
+    )
+    assert forged.status_code == 403
+    assert (not_array.status_code, empty.status_code) == (400, 400)
+    assert not_array.json()["detail"].startswith("the body is not a JSON array")
+    assert (too_large.status_code, too_many.status_code) == (413, 413)
+    assert "at most 10" in too_many.json()["detail"]
+    assert allowed.json()["published"] == 10
+    assert (limited.status_code, limited.headers["retry-after"]) == (429, "1")
+    assert sum(topics.values()) == 10
+
+
+async def test_a_batch_when_the_hub_is_not_running_is_a_503() -> None:
+    """Without a running hub a batch is refused whole with 503 and Retry-After."""
+    live = Broadcaster(settings())
+    scope = {"type": "http", "method": "POST", "headers": [], "client": ("127.0.0.1", 1)}
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b'[{"topic":"t","data":1}]', "more_body": False}
+
+    with anyio.fail_after(5):
+        response = await live.publishing.respond_batch(scope, receive)
+    assert (response.status_code, response.headers["retry-after"]) == (503, "1")
+
+
+async def test_a_batch_larger_than_the_mailbox_waits_for_room() -> None:
+    """A batch of more messages than the hub's mailbox holds is published whole, in order."""
+    async with running_server(settings(hub_mailbox_size=8)) as live:
+        answer = await post(live, [{"topic": "t", "data": n} for n in range(100)])
+    assert [seq for _, _, seq in positions(answer)] == list(range(1, 101))
+
+
+async def test_the_batch_route_is_documented_and_served_where_the_router_is_mounted() -> None:
+    """An app that mounts the router serves batches too, and the schema describes the route."""
+    live = Broadcaster(settings())
+    app = FastAPI()
+    app.include_router(live.router, prefix="/live")
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        live.lifespan(),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as http,
+    ):
+        response = await http.post("/live/publish", json=[{"topic": "t", "data": 1}])
+        schema = (await http.get("/openapi.json")).json()
+    assert (response.status_code, response.json()["published"]) == (200, 1)
+    assert "post" in schema["paths"]["/live/publish"]
+
+
+def test_a_full_batch_must_fit_the_rate() -> None:
+    """A batch size the rate limit could never admit is refused at start, naming both."""
+    with pytest.raises(ValidationError, match="MAX_BATCH_MESSAGES_PER_SECOND"):
+        settings(max_batch_messages=100, max_batch_messages_per_second=10)
