@@ -19,7 +19,9 @@ in order per topic. When the server cannot replay (another epoch after a restart
 too short, more than ``BROADCASTER_RECOVERY_MAX`` missed), the client yields a :class:`Gap`
 and goes on from the live position.
 
-This module speaks the wire protocol only; it imports nothing of the server.
+This module speaks the wire protocol only; it imports nothing of the server. The publishers
+(:class:`HTTPPublisher`, :class:`WSPublisher`) live in :mod:`broadcaster.publisher` and are
+exported here too.
 """
 
 from __future__ import annotations
@@ -37,7 +39,20 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable
 
-__all__ = ["Client", "ClientError", "Gap", "Message", "Position", "Tracker"]
+from broadcaster.publisher import HTTPPublisher, PublishError, Receipt, WSPublisher
+
+__all__ = [
+    "Client",
+    "ClientError",
+    "Gap",
+    "HTTPPublisher",
+    "Message",
+    "Position",
+    "PublishError",
+    "Receipt",
+    "Tracker",
+    "WSPublisher",
+]
 
 # Largest frame accepted from the server; coalesced frames hold many messages.
 MAX_FRAME_BYTES = 16 * 1024 * 1024

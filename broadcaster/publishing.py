@@ -91,8 +91,8 @@ class HTTPPublish:
 
     async def respond(self, topic: str, scope: Scope, receive: Receive) -> Response:
         """Publish the request's body to ``topic`` and return the response that answers it:
-        200 with the receipt; 400, 401, 403, 413 or 503 with ``{"detail": ...}`` (503 also
-        when history is shared through a broker that is down)."""
+        200 with the receipt; 400, 401, 403, 413 or 503 with ``{"error": ..., "detail": ...}``
+        (503 also when history is shared through a broker that is down)."""
         client = scope.get("client")
         peer = f"{client[0]}:{client[1]}" if client else None
         headers = dict(scope["headers"])
@@ -112,23 +112,23 @@ class HTTPPublish:
                 # The server cut the body off and counted that itself.
                 return Response(status_code=refused.status)
             self._count_refusal(refused, peer)
-            return _detail(refused.status, refused.detail, refused.headers)
+            return _detail(refused.status, refused.error, refused.detail, refused.headers)
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         try:
             payload = _payload(content_type, body)
             pending = self._hub.publish_nowait(topic, payload, Source.HTTP)
             receipt = await pending.wait()
         except ProtocolError as error:
-            return _detail(400, f"the body is not valid JSON: {error.detail}")
+            return _detail(400, error.error, f"the body is not valid JSON: {error.detail}")
         except HubBusy:
-            return _detail(503, "the hub is busy; retry shortly", RETRY)
+            return _detail(503, "hub_busy", "the hub is busy; retry shortly", RETRY)
         except HubStopped:
-            return _detail(503, "the hub is not running", RETRY)
+            return _detail(503, "hub_stopped", "the hub is not running", RETRY)
         except BackplaneDown as error:
             # History is shared and the broker that numbers it is down: no node may number
             # this publish on its own.
             self._count_refusal(Refused(503, "backplane_down", str(error)), peer)
-            return _detail(503, str(error), RETRY)
+            return _detail(503, "backplane_down", str(error), RETRY)
         fields = {
             "topic": receipt.topic,
             "epoch": receipt.epoch,
@@ -140,7 +140,8 @@ class HTTPPublish:
     async def respond_batch(self, scope: Scope, receive: Receive) -> Response:
         """Publish a batch and return the response that answers it: 200 with one result per
         item and topic, in order (a receipt, or the error that refused that item or topic);
-        401, 403, 400, 413, 429 or 503 with ``{"detail": ...}`` for the request as a whole."""
+        401, 403, 400, 413, 429 or 503 with ``{"error": ..., "detail": ...}`` for the request as
+        a whole."""
         client = scope.get("client")
         peer = f"{client[0]}:{client[1]}" if client else None
         headers = dict(scope["headers"])
@@ -169,7 +170,7 @@ class HTTPPublish:
             if refused is CLIENT_GONE and scope.get("extensions", {}).get(SERVER_REFUSAL):
                 return Response(status_code=refused.status)
             self._count_refusal(refused, peer)
-            return _detail(refused.status, refused.detail, refused.headers)
+            return _detail(refused.status, refused.error, refused.detail, refused.headers)
         failed = sum(1 for result in results if "error" in result)
         answer = {"published": len(results) - failed, "failed": failed, "results": results}
         return Response(json.dumps(answer, separators=(",", ":")), media_type=JSON)
@@ -343,6 +344,8 @@ def _payload(content_type: str, body: bytes) -> Payload:
         return Payload(body)
 
 
-def _detail(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
-    body = json.dumps({"detail": detail}, separators=(",", ":"))
+def _detail(
+    status: int, error: str, detail: str, headers: dict[str, str] | None = None
+) -> Response:
+    body = json.dumps({"error": error, "detail": detail}, separators=(",", ":"))
     return Response(body, status, headers=headers, media_type=JSON)
