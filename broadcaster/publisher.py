@@ -1,6 +1,6 @@
 """Publishers for Python services: over HTTP, batching under load, or over WebSocket, with acks.
 
-Needs the ``client`` extra (httpx and websockets)::
+Needs the ``client`` extra (httpx; websockets for :class:`WSPublisher`)::
 
     from broadcaster.client import HTTPPublisher
 
@@ -36,14 +36,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
     from types import TracebackType
 
     from websockets.asyncio.client import ClientConnection
+    from websockets.exceptions import ConnectionClosed
 
 __all__ = ["HTTPPublisher", "PublishError", "Receipt", "WSPublisher", "publish_once"]
 
@@ -348,6 +347,9 @@ class WSPublisher:
         self._tasks: asyncio.TaskGroup | None = None
 
     async def __aenter__(self) -> WSPublisher:
+        # Imported here: the HTTP publisher, which the stress tool uses, needs no websockets.
+        from websockets.asyncio.client import connect
+
         self._websocket = await connect(self.url, **self._options)
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
@@ -405,12 +407,16 @@ class WSPublisher:
             raise self._closed
         if self._websocket is None:
             raise RuntimeError("use the publisher in 'async with'")
+        from websockets.exceptions import ConnectionClosed
+
         try:
             await self._websocket.send(frame)
         except ConnectionClosed as closed:
             raise _lost(closed) from None
 
     async def _read_loop(self, websocket: ClientConnection) -> None:
+        from websockets.exceptions import ConnectionClosed
+
         try:
             async for frame in websocket:
                 answer = json.loads(frame)
