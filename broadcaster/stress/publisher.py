@@ -3,9 +3,9 @@
 Over WebSocket it sends ``{"op":"publish",...}`` frames on one multiplexed connection, or raw
 frames on one ``/ws/{topic}`` connection per topic (which, being subscribers too, get their own
 messages back and read them so they never lag). Over HTTP it POSTs each message to
-``/publish/{topic}``, one request at a time per topic so that each topic's counter reaches the
-server in order. A fixed rate is kept against the clock, catching up after a stall; the
-achieved rate is what was actually sent.
+``/publish/{topic}`` (through :func:`broadcaster.publisher.publish_once`), one request at a
+time per topic so that each topic's counter reaches the server in order. A fixed rate is
+kept against the clock, catching up after a stall; the achieved rate is what was actually sent.
 """
 
 from __future__ import annotations
@@ -265,10 +265,11 @@ class Publisher:
     ) -> None:
         import httpx
 
+        from broadcaster.publisher import PublishError, publish_once
+
         topic, rate, size = self.plan.topics[index], self.plan.rate, self.plan.size
         topics = len(self.plan.topics)
         started, end = period
-        headers = {"content-type": "text/plain"}
         # This topic's share of rate times duration messages; flat out, as many as time allows.
         count = math.ceil((rate * self.plan.duration - index) / topics) if rate else math.inf
         while self._counters[index] < count:
@@ -283,17 +284,17 @@ class Publisher:
             now_ns = time.time_ns()
             data = message_data(self._counters[index] + 1, now_ns, size, self._padding)
             try:
-                response = await client.post(f"/publish/{topic}", content=data, headers=headers)
+                await publish_once(client, topic, data.decode())
             except httpx.HTTPError as error:
                 self._error = f"POST /publish/{topic}: {error!r}"
                 scope.cancel()
                 return
-            if response.status_code == 503:
-                self._rejected += 1
-                await anyio.sleep(BUSY_RETRY_SECONDS)
-                continue
-            if response.status_code != 200:
-                self._error = f"POST /publish/{topic}: HTTP {response.status_code} {response.text}"
+            except PublishError as refused:
+                if refused.status == 503:
+                    self._rejected += 1
+                    await anyio.sleep(BUSY_RETRY_SECONDS)
+                    continue
+                self._error = f"POST /publish/{topic}: HTTP {refused}"
                 scope.cancel()
                 return
             self._record(index, now_ns)
