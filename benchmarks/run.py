@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from handshakes import handshakes
 from measure import Bench, Row, place, table
 from pressure import churn_latency, kernel
+from publishing import publishing
 from scenarios import churn, connections, history, idle, isolation, memory, throughput
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ SCENARIOS: dict[str, Callable[[Bench], list[Row]]] = {
     "handshakes": handshakes,
     "churn-latency": churn_latency,
     "kernel": kernel,
+    "publishing": publishing,
 }
 
 

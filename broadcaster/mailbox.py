@@ -89,6 +89,24 @@ class PendingReceipt:
         self._error = error
         self._set(None)
 
+    @property
+    def done(self) -> bool:
+        """Whether the hub has processed the publish (or stopped before it could)."""
+        return self._done
+
+    def result(self) -> Receipt:
+        """Return the receipt of a publish that is :attr:`done`.
+
+        Raises:
+            HubStopped: the hub stopped before it got to this publish.
+            BackplaneDown: the broker that numbers the topic's messages could not be reached.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._receipt is None:
+            raise HubStopped
+        return self._receipt
+
     async def wait(self) -> Receipt:
         """Wait for the hub to process the publish.
 
@@ -99,11 +117,7 @@ class PendingReceipt:
         if not self._done:
             self._event = anyio.Event()
             await self._event.wait()
-        if self._error is not None:
-            raise self._error
-        if self._receipt is None:
-            raise HubStopped
-        return self._receipt
+        return self.result()
 
 
 @dataclass(frozen=True, slots=True)

@@ -369,16 +369,27 @@ def parse_json(text: str | bytes) -> Any:
         ProtocolError: ``invalid_json``.
     """
     try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except ValueError as error:
+        # JSON exchanged between systems is UTF-8 (RFC 8259, section 8.1).
+        return _DECODER.decode(text if isinstance(text, str) else text.decode())
+    except ValueError as error:  # UnicodeDecodeError included
         raise ProtocolError("invalid_json", str(error)) from None
     except RecursionError:
         raise ProtocolError("invalid_json", "nested too deeply") from None
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
+
+
+# Made once: json.loads and json.dumps with options build a new decoder or encoder per call,
+# which costs a publish as much as the parsing or encoding itself. No check for cycles: data
+# parsed from JSON has none, and a cycle in an application's data ends in RecursionError,
+# which Payload.from_data documents.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_ENCODER = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), allow_nan=False, check_circular=False
+)

@@ -171,14 +171,15 @@ class HTTPPublish:
                 return Response(status_code=refused.status)
             self._count_refusal(refused, peer)
             return _detail(refused.status, refused.error, refused.detail, refused.headers)
-        failed = sum(1 for result in results if "error" in result)
-        answer = {"published": len(results) - failed, "failed": failed, "results": results}
-        return Response(json.dumps(answer, separators=(",", ":")), media_type=JSON)
+        failed = sum(1 for result in results if result.startswith('{"error"'))
+        answer = f'{{"published":{len(results) - failed},"failed":{failed},"results":['
+        return Response(answer + ",".join(results) + "]}", media_type=JSON)
 
     async def _publish_items(
         self, items: list[_Item | ProtocolError], allowed: TopicPatterns, peer: str | None
-    ) -> list[dict[str, Any]]:
-        """Publish every valid item to each of its topics; return the results in order.
+    ) -> list[str]:
+        """Publish every valid item to each of its topics; return the results in order, as
+        JSON objects.
 
         Every message is queued for the hub before any receipt is awaited, so that the hub
         fans the batch out in one burst.
@@ -214,33 +215,42 @@ class HTTPPublish:
                     continue
                 queued.append((index, topic, pending))
                 published = True
-        return [await self._result(index, topic, outcome, peer) for index, topic, outcome in queued]
-
-    async def _result(
-        self,
-        index: int,
-        topic: str | None,
-        outcome: PendingReceipt | ProtocolError,
-        peer: str | None,
-    ) -> dict[str, Any]:
-        """One message's result: its receipt once the hub has it, or why it was refused."""
-        if not isinstance(outcome, ProtocolError):
+        results: list[str] = []
+        # Epochs are few: each is encoded once per batch.
+        epochs: dict[str, str] = {}
+        for index, topic, outcome in queued:
+            if isinstance(outcome, ProtocolError):
+                results.append(self._refusal(index, topic, outcome, peer))
+                continue
             try:
-                receipt = await outcome.wait()
+                if not outcome.done:
+                    await outcome.wait()
+                receipt = outcome.result()
             except HubStopped:
-                outcome = ProtocolError("hub_stopped", "the hub stopped")
+                refusal = ProtocolError("hub_stopped", "the hub stopped")
+                results.append(self._refusal(index, topic, refusal, peer))
+                continue
             except BackplaneDown as error:
-                outcome = ProtocolError("backplane_down", str(error))
-            else:
-                return {
-                    "item": index,
-                    "topic": topic,
-                    "epoch": receipt.epoch,
-                    "seq": receipt.seq,
-                    "subscribers": receipt.subscribers,
-                }
-        self._count_refusal(Refused(400, outcome.error, outcome.detail), peer)
-        return {"item": index, "topic": topic, "error": outcome.error, "detail": outcome.detail}
+                refusal = ProtocolError("backplane_down", str(error))
+                results.append(self._refusal(index, topic, refusal, peer))
+                continue
+            epoch = epochs.get(receipt.epoch)
+            if epoch is None:
+                epoch = epochs[receipt.epoch] = json.dumps(receipt.epoch)
+            # Topics are validated against TOPIC_PATTERN, so they need no JSON escaping.
+            results.append(
+                f'{{"item":{index},"topic":"{receipt.topic}","epoch":{epoch},'
+                f'"seq":{receipt.seq},"subscribers":{receipt.subscribers}}}'
+            )
+        return results
+
+    def _refusal(
+        self, index: int, topic: str | None, refusal: ProtocolError, peer: str | None
+    ) -> str:
+        """Count a refused message and return its result."""
+        self._count_refusal(Refused(400, refusal.error, refusal.detail), peer)
+        fields = {"error": refusal.error, "detail": refusal.detail, "item": index, "topic": topic}
+        return json.dumps(fields, separators=(",", ":"))
 
     async def _read_body(
         self, headers: dict[bytes, bytes], receive: Receive, limit: int, too_large: Refused
@@ -308,13 +318,16 @@ def _item(value: Any, max_message_bytes: int) -> _Item | ProtocolError:
         )
     if ("topic" in value) == ("topics" in value):
         return ProtocolError("invalid_item", 'an item has "topic" or "topics", not both')
-    names = [value["topic"]] if "topic" in value else value["topics"]
-    if not isinstance(names, list) or not names:
-        return ProtocolError("invalid_item", '"topics" is a non-empty list of topic names')
     try:
-        topics = tuple(validate_topic(name) for name in names)
-        if len(set(topics)) != len(topics):
-            return ProtocolError("invalid_item", '"topics" names each topic once')
+        if "topic" in value:
+            topics: tuple[str, ...] = (validate_topic(value["topic"]),)
+        else:
+            names = value["topics"]
+            if not isinstance(names, list) or not names:
+                return ProtocolError("invalid_item", '"topics" is a non-empty list of topic names')
+            topics = tuple(validate_topic(name) for name in names)
+            if len(set(topics)) != len(topics):
+                return ProtocolError("invalid_item", '"topics" names each topic once')
         payload = payload_of(value["data"])
     except ProtocolError as error:
         return error
