@@ -165,21 +165,20 @@ class HTTPPublish:
                 raise Refused(
                     429, "rate_limited", "too many batched messages; retry shortly", RETRY
                 )
-            results = await self._publish_items(items, allowed, peer)
+            results, failed = await self._publish_items(items, allowed, peer)
         except Refused as refused:
             if refused is CLIENT_GONE and scope.get("extensions", {}).get(SERVER_REFUSAL):
                 return Response(status_code=refused.status)
             self._count_refusal(refused, peer)
             return _detail(refused.status, refused.error, refused.detail, refused.headers)
-        failed = sum(1 for result in results if result.startswith('{"error"'))
         answer = f'{{"published":{len(results) - failed},"failed":{failed},"results":['
         return Response(answer + ",".join(results) + "]}", media_type=JSON)
 
     async def _publish_items(
         self, items: list[_Item | ProtocolError], allowed: TopicPatterns, peer: str | None
-    ) -> list[str]:
+    ) -> tuple[list[str], int]:
         """Publish every valid item to each of its topics; return the results in order, as
-        JSON objects.
+        JSON objects, and how many of them are refusals.
 
         Every message is queued for the hub before any receipt is awaited, so that the hub
         fans the batch out in one burst.
@@ -216,33 +215,32 @@ class HTTPPublish:
                 queued.append((index, topic, pending))
                 published = True
         results: list[str] = []
+        failed = 0
         # Epochs are few: each is encoded once per batch.
         epochs: dict[str, str] = {}
-        for index, topic, outcome in queued:
-            if isinstance(outcome, ProtocolError):
-                results.append(self._refusal(index, topic, outcome, peer))
-                continue
-            try:
-                if not outcome.done:
-                    await outcome.wait()
-                receipt = outcome.result()
-            except HubStopped:
-                refusal = ProtocolError("hub_stopped", "the hub stopped")
-                results.append(self._refusal(index, topic, refusal, peer))
-                continue
-            except BackplaneDown as error:
-                refusal = ProtocolError("backplane_down", str(error))
-                results.append(self._refusal(index, topic, refusal, peer))
-                continue
-            epoch = epochs.get(receipt.epoch)
-            if epoch is None:
-                epoch = epochs[receipt.epoch] = json.dumps(receipt.epoch)
-            # Topics are validated against TOPIC_PATTERN, so they need no JSON escaping.
-            results.append(
-                f'{{"item":{index},"topic":"{receipt.topic}","epoch":{epoch},'
-                f'"seq":{receipt.seq},"subscribers":{receipt.subscribers}}}'
-            )
-        return results
+        for index, name, outcome in queued:
+            if not isinstance(outcome, ProtocolError):
+                try:
+                    if not outcome.done:
+                        await outcome.wait()
+                    receipt = outcome.result()
+                except HubStopped:
+                    outcome = ProtocolError("hub_stopped", "the hub stopped")
+                except BackplaneDown as error:
+                    outcome = ProtocolError("backplane_down", str(error))
+                else:
+                    epoch = epochs.get(receipt.epoch)
+                    if epoch is None:
+                        epoch = epochs[receipt.epoch] = json.dumps(receipt.epoch)
+                    # Topics match TOPIC_PATTERN, so they need no JSON escaping.
+                    results.append(
+                        f'{{"item":{index},"topic":"{receipt.topic}","epoch":{epoch},'
+                        f'"seq":{receipt.seq},"subscribers":{receipt.subscribers}}}'
+                    )
+                    continue
+            failed += 1
+            results.append(self._refusal(index, name, outcome, peer))
+        return results, failed
 
     def _refusal(
         self, index: int, topic: str | None, refusal: ProtocolError, peer: str | None
