@@ -63,9 +63,15 @@ async def test_http_publish_needs_a_valid_bearer_token() -> None:
         statuses = [r.status_code for r in (missing, basic, wrong, other, by_token, by_jwt)]
         assert statuses == [401, 401, 403, 403, 200, 200]
         assert missing.headers["www-authenticate"] == 'Bearer realm="broadcaster"'
-        assert missing.json() == {"detail": "publishing needs a bearer token"}
+        assert missing.json() == {
+            "error": "missing_token",
+            "detail": "publishing needs a bearer token",
+        }
         assert wrong.json()["detail"].startswith("the token is not valid")
-        assert other.json() == {"detail": "the token does not allow publishing here"}
+        assert other.json() == {
+            "error": "forbidden_topic",
+            "detail": "the token does not allow publishing here",
+        }
         assert [e["data"] for e in await receive_envelopes(reader, 2)] == ["e", "f"]
         metrics = (await http.get("/metrics")).text
     assert 'broadcaster_refused_total{reason="missing_token"} 2.0' in metrics
