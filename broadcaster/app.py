@@ -515,8 +515,7 @@ class _App(FastAPI):
             websocket = path == "/ws" or _segment(path, "/ws/") is not None
             if scope["type"] == "http" and scope["method"] == "POST":
                 if publish is not None:
-                    response = await self._live.publishing.respond(publish, scope, receive)
-                    await response(scope, receive, send)
+                    await self._live.publishing.serve(publish, scope, receive, send)
                     return
                 if path == "/publish":
                     response = await self._live.publishing.respond_batch(scope, receive)

@@ -43,6 +43,7 @@ from broadcaster.mailbox import (
     Source,
     SubscribeCommand,
     Subscriber,
+    Turns,
     UnsubscribeCommand,
     Wake,
 )
@@ -108,6 +109,8 @@ class Hub:
         sequencer: Sequencer | None = None,
     ) -> None:
         self._sequencer = sequencer
+        # With a sequencer, the broker's answer fills receipts in, after the hub's turn.
+        self._turns = Turns() if sequencer is None else None
         self._mailbox_size = mailbox_size
         self._log = logger
         self._max_subscriptions = max_subscriptions
@@ -147,6 +150,8 @@ class Hub:
                         break
                 self._take_departures()
                 self._history.expire(self._clock())
+                if self._turns is not None:
+                    self._turns.end()
         except anyio.get_cancelled_exc_class():
             error = ShuttingDown()
             raise
@@ -156,6 +161,8 @@ class Hub:
             for command in _drain(inbox):
                 if isinstance(command, PublishCommand) and command.receipt is not None:
                     command.receipt._set(None)
+            if self._turns is not None:
+                self._turns.end()
             inbox.close()
             for subscriber in list(self._subscribers):
                 subscriber.outbox.fail(error)
@@ -263,7 +270,7 @@ class Hub:
         if self._mailbox is None:
             raise HubStopped
         self._check_sequencer(source)
-        receipt = PendingReceipt(on_done)
+        receipt = PendingReceipt(on_done, self._turns)
         try:
             self._mailbox.send_nowait(PublishCommand(topic, payload, source, receipt))
         except anyio.WouldBlock:
@@ -285,7 +292,7 @@ class Hub:
             BackplaneDown: as for :meth:`publish_nowait`.
         """
         self._check_sequencer(source)
-        receipt = PendingReceipt(on_done)
+        receipt = PendingReceipt(on_done, self._turns)
         await self._send(PublishCommand(topic, payload, source, receipt))
         return receipt
 

@@ -56,18 +56,46 @@ class Receipt:
     subscribers: int
 
 
+class Turns:
+    """The ends of the hub's turns (each a burst of commands handled without a pause), as
+    one event shared by every publisher waiting for a receipt: one event a turn, not one a
+    publish."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        # Made only when somebody waits.
+        self._event: anyio.Event | None = None
+
+    async def wait(self) -> None:
+        """Wait for the end of the hub's current turn, or of its next one if none is on."""
+        if self._event is None:
+            self._event = anyio.Event()
+        await self._event.wait()
+
+    def end(self) -> None:
+        """End a turn: wake whoever waits for it."""
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
+
+
 class PendingReceipt:
     """A :class:`Receipt` the hub fills in once it has fanned the publish out.
 
     Args:
         on_done: called, in the hub's task, with the receipt, the refusal, or ``None`` when
             the hub stopped first; it must not block (a connection queues its ack with it).
+        turns: the hub's turns, when the hub itself fills the receipt in (and not a broker
+            later): a waiter then waits for the end of a turn instead of an event of its own.
     """
 
-    __slots__ = ("_done", "_error", "_event", "_on_done", "_receipt")
+    __slots__ = ("_done", "_error", "_event", "_on_done", "_receipt", "_turns")
 
     def __init__(
-        self, on_done: Callable[[Receipt | BackplaneDown | None], None] | None = None
+        self,
+        on_done: Callable[[Receipt | BackplaneDown | None], None] | None = None,
+        turns: Turns | None = None,
     ) -> None:
         self._done = False
         self._receipt: Receipt | None = None
@@ -75,6 +103,7 @@ class PendingReceipt:
         # Made only when somebody waits: most publishes are never asked about.
         self._event: anyio.Event | None = None
         self._on_done = on_done
+        self._turns = turns
 
     def _set(self, receipt: Receipt | None) -> None:
         self._receipt = receipt
@@ -114,7 +143,10 @@ class PendingReceipt:
             HubStopped: the hub stopped before it got to this publish.
             BackplaneDown: the broker that numbers the topic's messages could not be reached.
         """
-        if not self._done:
+        if self._turns is not None:
+            while not self._done:
+                await self._turns.wait()
+        elif not self._done:
             self._event = anyio.Event()
             await self._event.wait()
         return self.result()

@@ -43,7 +43,7 @@ from broadcaster.protocol import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from starlette.types import Receive, Scope
+    from starlette.types import Receive, Scope, Send
 
     from broadcaster.auth import Authenticator, TopicPatterns
     from broadcaster.hub import Hub
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from broadcaster.settings import Settings
 
 JSON = "application/json"
+JSON_BYTES = JSON.encode()
 # A publisher that left before its body arrived; 499 as nginx logs it, never sent.
 CLIENT_GONE = Refused(499, "client_disconnected", "the client left before its body arrived")
 # The addresses whose batch rate is tracked, as for handshakes.
@@ -93,8 +94,22 @@ class HTTPPublish:
         """Publish the request's body to ``topic`` and return the response that answers it:
         200 with the receipt; 400, 401, 403, 413 or 503 with ``{"error": ..., "detail": ...}``
         (503 also when history is shared through a broker that is down)."""
-        client = scope.get("client")
-        peer = f"{client[0]}:{client[1]}" if client else None
+        answer = await self._publish(topic, scope, receive)
+        return answer if isinstance(answer, Response) else Response(answer, media_type=JSON)
+
+    async def serve(self, topic: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer a publish as :meth:`respond` does, sending a receipt's two ASGI messages
+        straight away rather than through a :class:`Response`."""
+        answer = await self._publish(topic, scope, receive)
+        if isinstance(answer, Response):
+            await answer(scope, receive, send)
+            return
+        headers = [(b"content-type", JSON_BYTES), (b"content-length", b"%d" % len(answer))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+    async def _publish(self, topic: str, scope: Scope, receive: Receive) -> bytes | Response:
+        """Publish the body; return the receipt's JSON, or the response that refuses it."""
         headers = dict(scope["headers"])
         try:
             # Before the body is read: an unauthenticated client gets nothing read for it.
@@ -111,7 +126,7 @@ class HTTPPublish:
             if refused is CLIENT_GONE and scope.get("extensions", {}).get(SERVER_REFUSAL):
                 # The server cut the body off and counted that itself.
                 return Response(status_code=refused.status)
-            self._count_refusal(refused, peer)
+            self._count_refusal(refused, _peer(scope))
             return _detail(refused.status, refused.error, refused.detail, refused.headers)
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         try:
@@ -127,15 +142,13 @@ class HTTPPublish:
         except BackplaneDown as error:
             # History is shared and the broker that numbers it is down: no node may number
             # this publish on its own.
-            self._count_refusal(Refused(503, "backplane_down", str(error)), peer)
+            self._count_refusal(Refused(503, "backplane_down", str(error)), _peer(scope))
             return _detail(503, "backplane_down", str(error), RETRY)
-        fields = {
-            "topic": receipt.topic,
-            "epoch": receipt.epoch,
-            "seq": receipt.seq,
-            "subscribers": receipt.subscribers,
-        }
-        return Response(json.dumps(fields, separators=(",", ":")), media_type=JSON)
+        # Topics match TOPIC_PATTERN, so they need no JSON escaping.
+        return (
+            f'{{"topic":"{receipt.topic}","epoch":{json.dumps(receipt.epoch)},'
+            f'"seq":{receipt.seq},"subscribers":{receipt.subscribers}}}'
+        ).encode()
 
     async def respond_batch(self, scope: Scope, receive: Receive) -> Response:
         """Publish a batch and return the response that answers it: 200 with one result per
@@ -143,7 +156,7 @@ class HTTPPublish:
         401, 403, 400, 413, 429 or 503 with ``{"error": ..., "detail": ...}`` for the request as
         a whole."""
         client = scope.get("client")
-        peer = f"{client[0]}:{client[1]}" if client else None
+        peer = _peer(scope)
         headers = dict(scope["headers"])
         try:
             authorization = headers.get(b"authorization")
@@ -335,6 +348,12 @@ def _item(value: Any, max_message_bytes: int) -> _Item | ProtocolError:
         detail = f"the data is larger than {max_message_bytes} bytes"
         return ProtocolError("message_too_big", detail)
     return topics, payload
+
+
+def _peer(scope: Scope) -> str | None:
+    """The client's ``host:port``, for the log line of a refusal."""
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else None
 
 
 def _payload(content_type: str, body: bytes) -> Payload:
