@@ -378,6 +378,8 @@ def parse_json(text: str | bytes) -> Any:
 
 
 def _dumps(value: Any) -> str:
+    if _C_ENCODE is not None:
+        return "".join(_C_ENCODE(value, 0))
     return _ENCODER.encode(value)
 
 
@@ -392,4 +394,22 @@ def _reject_constant(name: str) -> None:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 _ENCODER = json.JSONEncoder(
     ensure_ascii=False, separators=(",", ":"), allow_nan=False, check_circular=False
+)
+
+
+def _unserializable(value: object) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# The C encoder _ENCODER.encode builds on every call, built once: a third of the cost of
+# encoding a small message. None where the json module has no C speedups (then _ENCODER).
+_C_MAKE_ENCODER = getattr(json.encoder, "c_make_encoder", None)
+# Its arguments: no cycle check, default, string encoder, no indent, key separator, item
+# separator, sort_keys, skipkeys, allow_nan.
+_C_ENCODE = (
+    None
+    if _C_MAKE_ENCODER is None
+    else _C_MAKE_ENCODER(
+        None, _unserializable, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
 )
