@@ -15,16 +15,20 @@ from pydantic import ValidationError
 from broadcaster.app import Broadcaster
 from broadcaster.auth import CHALLENGE
 from broadcaster.settings import Settings
+from tests.brokers import running_broker
 from tests.support import (
     JWT_SECRET,
     PUBLISH_TOKEN,
     client,
     receive_envelopes,
+    receive_json,
     running_server,
     scrape,
     subscribe,
     token,
+    wait_until,
 )
+from tests.test_backplane import bridge, node_settings
 
 if TYPE_CHECKING:
     from tests.support import LiveServer
@@ -223,3 +227,24 @@ def test_a_full_batch_must_fit_the_rate() -> None:
     """A batch size the rate limit could never admit is refused at start, naming both."""
     with pytest.raises(ValidationError, match="MAX_BATCH_MESSAGES_PER_SECOND"):
         settings(max_batch_messages=100, max_batch_messages_per_second=10)
+
+
+async def test_with_history_on_redis_a_batch_is_numbered_by_redis_or_refused_per_item() -> None:
+    """Through Redis, batched messages get the broker's positions; while Redis is down each
+    is refused as ``backplane_down`` (and a WebSocket publish with an id gets its error with
+    that id), with no position handed out by the node."""
+    async with (
+        running_broker("redis") as broker,
+        running_server(node_settings(broker.url)) as live,
+        client(live.ws_url()) as ws,
+    ):
+        answer = await post(live, [{"topics": ["a", "b"], "data": 1}, {"topic": "a", "data": 2}])
+        broker.kill()
+        await wait_until(lambda: not bridge(live).statistics().up)
+        refused = await post(live, [{"topic": "a", "data": 3}])
+        await ws.send(json.dumps({"op": "publish", "topic": "a", "data": 4, "id": "x"}))
+        error = await receive_json(ws)
+    assert positions(answer) == [(0, "a", 1), (0, "b", 1), (1, "a", 2)]
+    assert refused.status_code == 200
+    assert errors(refused) == [(0, "a", "backplane_down")]
+    assert (error["op"], error["id"], error["error"]) == ("error", "x", "backplane_down")
