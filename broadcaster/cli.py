@@ -23,13 +23,15 @@ from broadcaster.app import create_app
 from broadcaster.log import configure_logging
 from broadcaster.protocol import Mode
 from broadcaster.server import run
-from broadcaster.settings import Settings, describe_errors
+from broadcaster.settings import ENV_PREFIX, Settings, describe_errors
 from broadcaster.workers import supervise
 
 cli = typer.Typer(
     help="WebSocket fan-out server where one slow client never stalls the others.",
     no_args_is_help=True,
     add_completion=False,
+    # Help texts are plain: "[env: ...]" and the settings' defaults are text, not markup.
+    rich_markup_mode=None,
 )
 
 
@@ -52,17 +54,34 @@ def _root() -> None:
     """WebSocket fan-out server where one slow client never stalls the others."""
 
 
-@cli.command()
+def _default(name: str) -> str:
+    return str(Settings.model_fields[name].default)
+
+
+def _settings_epilog() -> str:
+    """Every ``BROADCASTER_*`` variable with its default, for ``serve --help``."""
+    lines = ["Settings, from the environment (default in brackets):"]
+    for name, field in Settings.model_fields.items():
+        default = "unset" if field.default in (None, (), []) else field.default
+        lines.append(f"{ENV_PREFIX}{name.upper()} [{default}]: {field.description}")
+    return "\n\n".join(lines)
+
+
+@cli.command(epilog=_settings_epilog())
 def serve(
     host: Annotated[
-        str | None, typer.Option(help="Address to bind [env: BROADCASTER_HOST].")
+        str | None,
+        typer.Option(help=f"Address to bind [env: BROADCASTER_HOST; default: {_default('host')}]."),
     ] = None,
-    port: Annotated[int | None, typer.Option(help="Port to bind [env: BROADCASTER_PORT].")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help=f"Port to bind [env: BROADCASTER_PORT; default: {_default('port')}]."),
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
             help="Worker processes on the port; more than 1 needs a shared "
-            "BROADCASTER_BACKPLANE [env: BROADCASTER_WORKERS]."
+            f"BROADCASTER_BACKPLANE [env: BROADCASTER_WORKERS; default: {_default('workers')}].",
         ),
     ] = None,
     listen_fd: Annotated[int | None, typer.Option(hidden=True)] = None,

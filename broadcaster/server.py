@@ -164,7 +164,11 @@ def run(
         supervisor,
     )
     logger.info(
-        "server_starting", host=settings.host, port=sock.getsockname()[1], open_files=open_files
+        "server_starting",
+        host=settings.host,
+        port=sock.getsockname()[1],
+        open_files=open_files,
+        settings=settings.effective(),
     )
     warn_if_unauthenticated(settings)
     for variable, closest in unknown_settings():

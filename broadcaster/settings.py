@@ -438,6 +438,14 @@ class Settings(BaseSettings):
             return self.history_size
         return 0 if self._nats else DEFAULT_HISTORY_SIZE
 
+    def effective(self) -> dict[str, Any]:
+        """Every setting as the server applies it, with secrets masked: what an operator reads
+        at start to confirm that their limits took effect."""
+        values = self.model_dump(mode="json")
+        values["history_size"] = self.history_messages
+        values["backplane"] = without_password(self.backplane)
+        return values
+
     @property
     def _nats(self) -> bool:
         return self.backplane.startswith(("nats:", "tls:"))
@@ -451,6 +459,15 @@ class Settings(BaseSettings):
     def publish_open(self) -> bool:
         """Whether anyone may publish: no publish token and no JWT key is configured."""
         return not self.publish_tokens and self.subscribe_open
+
+
+def without_password(url: str) -> str:
+    """``url`` with the password in its user information, if any, masked."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    return parts._replace(netloc=f"{user}***@{parts.netloc.rpartition('@')[2]}").geturl()
 
 
 def describe_errors(error: ValidationError) -> list[str]:

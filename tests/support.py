@@ -10,6 +10,7 @@ import sys
 import time
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from unittest.mock import ANY
 
@@ -188,11 +189,15 @@ async def client(
 
 
 async def handshake_refusal(url: str, **options: Any) -> tuple[int, str | None, Headers]:
-    """Attempt a handshake that must be refused; return its status, error code and headers."""
+    """Attempt a handshake that must be refused; return its status, error code and headers.
+
+    Every refusal carries its status's standard reason phrase, which some clients show.
+    """
     with pytest.raises(InvalidStatus) as refused:
         async with client(url, **options):
             pass
     response = refused.value.response
+    assert response.reason_phrase == HTTPStatus(response.status_code).phrase
     return response.status_code, json.loads(response.body or b"{}").get("error"), response.headers
 
 
