@@ -6,7 +6,6 @@ routes that reach it, so it can be mounted into an existing app as well as serve
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
 import time
@@ -32,6 +31,7 @@ from broadcaster.errors import (
     ProtocolError,
     Refused,
 )
+from broadcaster.http_gate import flooding
 from broadcaster.hub import Hub
 from broadcaster.log import get_logger
 from broadcaster.mailbox import Source, Subscriber
@@ -164,8 +164,9 @@ class Broadcaster:
         self.publishing = HTTPPublish(
             self.hub, self._auth, settings.max_message_bytes, self.count_refusal
         )
-        # Addresses whose connection was closed for flooding, refused for FLOOD_PENALTY.
-        self._penalties = PenaltyBox(settings.flood_penalty, settings.handshake_addresses)
+        # Addresses whose connection was closed for flooding, refused for FLOOD_PENALTY: by
+        # the server's HTTP gate as they connect, and here for servers without one.
+        self.penalties = PenaltyBox(settings.flood_penalty, settings.handshake_addresses)
         # WebSocket connections admitted and not yet ended, for BROADCASTER_MAX_CONNECTIONS.
         self._open = 0
         self.router = self._routes()
@@ -271,7 +272,7 @@ class Broadcaster:
         finally:
             self._open -= 1
         if isinstance(closing, Flooding) and websocket.client is not None:
-            self._penalties.punish(websocket.client.host, time.monotonic())
+            self.penalties.punish(websocket.client.host, time.monotonic())
 
     def _admit(self, websocket: WebSocket, topic: str | None) -> Grant:
         """Decide, before accepting, whether a handshake may open a connection.
@@ -287,9 +288,8 @@ class Broadcaster:
         if self.draining:
             raise Refused(503, "draining", "the server is shutting down")
         address, now = websocket.client.host if websocket.client else "", time.monotonic()
-        if self._penalties.refuses(address, now):
-            retry = {"Retry-After": str(math.ceil(self.settings.flood_penalty))}
-            raise Refused(429, "flooding", "this address sent faster than it may", retry)
+        if self.penalties.refuses(address, now):
+            raise flooding(self.penalties.seconds)
         if not self._handshakes.allow(address, now):
             raise Refused(429, "rate_limited", "too many handshakes; retry shortly", RETRY)
         if not origin_allowed(websocket.headers.get("origin"), self.settings.allowed_origins):

@@ -44,7 +44,9 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     # counted with the app's other refusals.
     live = getattr(getattr(app, "state", None), "broadcaster", None)
     gate = HTTPGate(
-        HTTPLimits.from_settings(settings), live.count_refusal if live is not None else None
+        HTTPLimits.from_settings(settings),
+        live.count_refusal if live is not None else None,
+        live.penalties if live is not None else None,
     )
     return uvicorn.Config(
         app,
