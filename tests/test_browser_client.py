@@ -9,6 +9,8 @@ import anyio
 import httpx
 
 from broadcaster.errors import CloseCode, Closing, LagCause, ShuttingDown, SlowConsumer
+from broadcaster.policy import Overflow
+from broadcaster.protocol import Payload
 from broadcaster.settings import Settings
 from tests.support import JWT_SECRET, client, running_server, token, wait_until
 
@@ -61,11 +63,11 @@ async def publish(http: httpx.AsyncClient, topic: str, data: Any) -> int:
     return seq
 
 
-def close_all(live: LiveServer, error: Closing) -> None:
-    """Close every subscribed connection from the server's side, as the server does for
-    ``error``."""
+def close_all(live: LiveServer, error: Closing, topic: str | None = None) -> None:
+    """Close every connection subscribed to ``topic`` (to anything, when ``None``) from the
+    server's side, as the server does for ``error``."""
     for subscriber in live.broadcaster.hub.subscribers():
-        if subscriber.topics:
+        if topic in subscriber.topics or (topic is None and subscriber.topics):
             subscriber.outbox.fail(error)
 
 
@@ -201,7 +203,8 @@ async def test_no_loss_across_three_forced_reconnects_during_a_200_per_second_st
 
 async def test_no_reconnect_after_token_expired_until_a_new_token(browser: Browser) -> None:
     """Closed with 1008 "token expired", the client stays away, while one closed with 1013
-    at the same backoff comes back; given a new token, it reconnects and resumes."""
+    at the same backoff comes back, and so does one whose token was replaced in time; given
+    a new token, it reconnects and resumes."""
     settings = Settings(jwt_secret=JWT_SECRET, log_format="json")
     publisher = {"authorization": f"Bearer {token(publish=['news'])}"}
     async with (
@@ -211,15 +214,23 @@ async def test_no_reconnect_after_token_expired_until_a_new_token(browser: Brows
         page = await browser.new_page()
         await follow(page, live, "news", name="expiring", jwt=token(subscribe=["*"], lifetime=2))
         await follow(page, live, "news", name="control", jwt=token(subscribe=["*"]))
-        await wait_page(page, "() => window.expiring.client.state === 'connected'")
-        await wait_page(page, "() => window.control.client.state === 'connected'")
+        await follow(page, live, "other", name="renewed", jwt=token(subscribe=["*"], lifetime=2))
+        for name in ("expiring", "control", "renewed"):
+            await wait_page(page, f"() => window.{name}.client.state === 'connected'")
+        await page.evaluate("(t) => window.renewed.client.setToken(t)", token(subscribe=["*"]))
         await publish(http, "news", "before")
         await wait_page(page, "() => window.expiring.seen.length === 1")
 
         await wait_page(page, "() => window.expiring.client.state === 'unauthorized'")
+        await wait_page(
+            page,
+            "() => window.renewed.closes.length === 1 && "
+            "window.renewed.states.at(-1) === 'connected'",
+        )
+        assert await page.evaluate("window.renewed.closes") == [1008]
         await publish(http, "news", "while away")
         # The control client's reconnect takes the backoff the other would have waited.
-        close_all(live, SlowConsumer(LagCause.LAG))
+        close_all(live, SlowConsumer(LagCause.LAG), "news")
         await wait_page(
             page,
             "() => window.control.states.at(-1) === 'connected' && "
@@ -227,7 +238,7 @@ async def test_no_reconnect_after_token_expired_until_a_new_token(browser: Brows
         )
         assert await page.evaluate("window.expiring.client.state") == "unauthorized"
         assert live.broadcaster.metrics.totals.refused["token_expired"] == 0
-        assert live.broadcaster.metrics.totals.accepted == 3
+        assert live.broadcaster.metrics.totals.accepted == 5
 
         await page.evaluate("(t) => window.expiring.client.setToken(t)", token(subscribe=["*"]))
         await wait_page(page, "() => window.expiring.seen.length === 2")
@@ -235,3 +246,57 @@ async def test_no_reconnect_after_token_expired_until_a_new_token(browser: Brows
     assert record["seen"] == [[1, "before", False], [2, "while away", True]]
     assert record["closes"] == [1008]
     assert record["states"] == ["connected", "unauthorized", "connecting", "connected"]
+
+
+async def test_client_fills_a_seq_gap_from_history(browser: Browser) -> None:
+    """Messages the server dropped for a slow page are replayed into the gap they left."""
+    settings = Settings(overflow=Overflow.DROP_NEWEST, queue_max_messages=3, log_format="json")
+    async with (
+        running_server(settings) as live,
+        httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http,
+    ):
+        page = await browser.new_page()
+        await follow(page, live, "news")
+        await wait_page(page, "() => window.follower.client.state === 'connected'")
+        await publish(http, "news", 1)
+        await wait_page(page, "() => window.follower.seen.length === 1")
+        # Queued together, the hub offers them all at once: the outbox keeps three.
+        for n in range(2, 12):
+            live.broadcaster.hub.publish_nowait("news", Payload.from_data(n))
+        await wait_page(page, "() => window.follower.seen.length === 4")
+        await publish(http, "news", 12)  # shows the gap; the client fills it
+        await wait_page(page, "() => window.follower.seen.length === 12")
+        record = await page.evaluate("({ ...window.follower, client: null })")
+    assert [[seq, data] for seq, data, _ in record["seen"]] == [[n, n] for n in range(1, 13)]
+    assert [replayed for _, _, replayed in record["seen"][:4]] == [False] * 4
+    assert all(replayed for _, _, replayed in record["seen"][4:11])
+    assert (record["gaps"], record["errors"], record["closes"]) == ([], [], [])
+
+
+async def test_client_reports_a_gap_that_history_cannot_fill(browser: Browser) -> None:
+    """Back after more messages than the history keeps, the client reports a gap and goes
+    on from the live position."""
+    settings = Settings(history_size=2, log_format="json")
+    async with (
+        running_server(settings) as live,
+        httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http,
+    ):
+        page = await browser.new_page()
+        await follow(page, live, "news")
+        await wait_page(page, "() => window.follower.client.state === 'connected'")
+        await publish(http, "news", 1)
+        await wait_page(page, "() => window.follower.seen.length === 1")
+        live.broadcaster.draining = True
+        close_all(live, ShuttingDown())
+        await wait_until(lambda: live.broadcaster.metrics.totals.refused["draining"] >= 1)
+        for n in range(2, 7):
+            await publish(http, "news", n)
+        live.broadcaster.draining = False
+        await wait_page(page, "() => window.follower.gaps.length === 1")
+        await publish(http, "news", 7)
+        await wait_page(page, "() => window.follower.seen.length === 2")
+        record = await page.evaluate("({ ...window.follower, client: null })")
+    assert [[seq, data] for seq, data, _ in record["seen"]] == [[1, 1], [7, 7]]
+    [gap] = record["gaps"]
+    assert (gap["topic"], gap["after"]["seq"], gap["resumed"]["seq"]) == ("news", 1, 6)
+    assert gap["after"]["epoch"] == gap["resumed"]["epoch"]

@@ -32,6 +32,7 @@ export function connect(url = "ws", options = {}) {
 export class Client {
   #url;
   #token;
+  #socketToken = null; // the token the current connection was opened with
   #backoffMin;
   #backoffMax;
   #pingInterval;
@@ -69,7 +70,7 @@ export class Client {
     if (entry === undefined) {
       entry = new Topic(topic, options);
       this.#topics.set(topic, entry);
-      this.#sendSubscribe(entry);
+      this.#join(entry);
     }
     entry.handlers.add(handler);
     const client = this;
@@ -111,7 +112,7 @@ export class Client {
     return () => listeners.delete(listener);
   }
 
-  /** Use `token` for the next connections; after a "token expired" close, reconnect now. */
+  /** Use `token` from the next connection on; after a "token expired" close, reconnect now. */
   setToken(token) {
     this.#token = token;
     if (this.#state === "unauthorized") {
@@ -136,12 +137,14 @@ export class Client {
     this.#setState("connecting", {});
     const socket = new WebSocket(this.#endpoint());
     this.#socket = socket;
+    this.#socketToken = this.#token;
     socket.onopen = () => {
       for (const entry of this.#topics.values()) this.#sendSubscribe(entry);
       // The pong says every subscribe above has taken effect: the client is connected.
       this.#ping(() => {
         this.#failures = 0;
         this.#setState("connected", {});
+        for (const entry of this.#topics.values()) this.#checkReplay(entry);
         const waiting = this.#waiting.splice(0);
         for (const publish of waiting) this.#sendPublish(publish);
       });
@@ -167,12 +170,14 @@ export class Client {
   #lost(code, reason) {
     this.#lose(new BroadcasterError("connection_lost", `connection closed (${code})`));
     for (const entry of this.#topics.values()) entry.reset();
-    if (code === TOKEN_EXPIRED.code && reason === TOKEN_EXPIRED.reason) {
+    const expired = code === TOKEN_EXPIRED.code && reason === TOKEN_EXPIRED.reason;
+    if (expired && this.#token === this.#socketToken) {
       this.#setState("unauthorized", { code, reason });
       return;
     }
     // Every other close is worth another try, 1001 (shutting down) and 1013 (try again
-    // later) among them; a refused handshake looks like any lost connection to a page.
+    // later) among them, and so is an expired token already replaced by setToken. A refused
+    // handshake looks like any lost connection to a page.
     this.#setState("disconnected", { code, reason });
     const delay = Math.min(this.#backoffMax, this.#backoffMin * 2 ** this.#failures);
     this.#failures += 1;
@@ -210,7 +215,7 @@ export class Client {
     if (last !== null && seq <= last) return; // already delivered: a replay that overlaps
     if (last !== null && seq > last + 1) {
       entry.filling = true; // skip what races the replay until the server acknowledges it
-      this.#sendSubscribe(entry);
+      this.#join(entry);
       return;
     }
     entry.position = { epoch, seq };
@@ -263,8 +268,25 @@ export class Client {
     this.#emit("error", error);
   }
 
+  // Subscribe to `entry` where the client left it, then check that the replay came whole.
+  #join(entry) {
+    if (this.#sendSubscribe(entry)) this.#ping(() => this.#checkReplay(entry));
+  }
+
+  // On a pong, the answer to every subscribe sent before its ping has arrived, replay
+  // included. A replay that fell short of the position the server acknowledged lost
+  // messages to the overflow policy: they are asked for again.
+  #checkReplay(entry) {
+    if (this.#topics.get(entry.name) !== entry || entry.pending || entry.filling) return;
+    const position = entry.position;
+    if (position !== null && position.seq !== null && position.seq < entry.replayedUntil) {
+      entry.filling = true;
+      this.#join(entry);
+    }
+  }
+
   // Send the subscribe that (re)joins `entry` where the client left it; without a connection,
-  // the next one sends it.
+  // the next one sends it. Returns whether it was sent.
   #sendSubscribe(entry) {
     const frame = { op: "subscribe", topic: entry.name };
     if (entry.position !== null && entry.position.seq !== null) {
@@ -273,6 +295,7 @@ export class Client {
       frame.last = entry.last;
     }
     entry.pending = this.#send(frame);
+    return entry.pending;
   }
 
   #unsubscribe(entry, handler) {
