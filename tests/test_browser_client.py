@@ -33,7 +33,7 @@ FOLLOW = """async ({ topic, token, name }) => {
     if (detail.code !== undefined) record.closes.push(detail.code);
   });
   client.on("gap", (gap) => record.gaps.push(gap));
-  client.on("error", (error) => record.errors.push(error.code));
+  client.on("error", (error) => record.errors.push([error.code, error.topic]));
   client.subscribe(topic, (data, meta) => record.seen.push([meta.seq, data, meta.replayed]));
   window[name] = record;
 }"""
@@ -300,3 +300,53 @@ async def test_client_reports_a_gap_that_history_cannot_fill(browser: Browser) -
     [gap] = record["gaps"]
     assert (gap["topic"], gap["after"]["seq"], gap["resumed"]["seq"]) == ("news", 1, 6)
     assert gap["after"]["epoch"] == gap["resumed"]["epoch"]
+
+
+async def test_refused_publishes_reject_and_a_forbidden_subscribe_is_reported(
+    browser: Browser,
+) -> None:
+    """A publish the token does not grant rejects with the server's error, one it grants
+    resolves, and a subscribe it does not grant is reported with its topic and dropped."""
+    settings = Settings(jwt_secret=JWT_SECRET, log_format="json")
+    async with running_server(settings) as live:
+        page = await browser.new_page()
+        jwt = token(subscribe=["news"], publish=["news"])
+        await follow(page, live, "news", jwt=jwt)
+        await wait_page(page, "() => window.follower.client.state === 'connected'")
+        outcomes = await page.evaluate(
+            """async () => {
+              const client = window.follower.client;
+              const outcome = (promise) => promise.then(() => "ok", (error) => error.code);
+              const refused = outcome(client.publish("chat", "not mine"));
+              const taken = outcome(client.publish("news", "mine"));
+              return [await refused, await taken];
+            }"""
+        )
+        assert outcomes == ["forbidden_topic", "ok"]
+        await wait_page(page, "() => window.follower.seen.length === 1")
+        await page.evaluate("window.follower.client.subscribe('secret', () => {})")
+        await wait_page(page, "() => window.follower.errors.length === 1")
+        assert await page.evaluate("window.follower.errors") == [["forbidden_topic", "secret"]]
+        await wait_until(lambda: live.broadcaster.hub.statistics().topics == {"news": 1})
+        closed = await page.evaluate(
+            """() => {
+              const client = window.follower.client;
+              client.close();
+              return client.publish("news", "too late").catch((error) => error.code);
+            }"""
+        )
+        assert closed == "closed"
+        assert await page.evaluate("window.follower.seen") == [[1, "mine", False]]
+
+
+async def test_publish_rejects_when_client_publishing_is_off(browser: Browser) -> None:
+    """With CLIENT_PUBLISH=false, a publish rejects with publish_disabled."""
+    settings = Settings(client_publish=False, log_format="json")
+    async with running_server(settings) as live:
+        page = await browser.new_page()
+        await follow(page, live, "news")
+        code = await page.evaluate(
+            "() => window.follower.client.publish('news', 1).catch((error) => error.code)"
+        )
+        assert code == "publish_disabled"
+        assert await page.evaluate("window.follower.errors") == []

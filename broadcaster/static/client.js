@@ -22,7 +22,7 @@ const TOPIC = /^[A-Za-z0-9_.:-]{1,128}$/;
 const TOKEN_EXPIRED = { code: 1008, reason: "token expired" };
 // The errors that refuse a subscribe, and those that refuse a publish.
 const SUBSCRIBE_ERRORS = new Set(["forbidden_topic", "too_many_subscriptions"]);
-const PUBLISH_ERRORS = new Set(["forbidden_topic", "publish_disabled"]);
+const PUBLISH_ERRORS = new Set(["forbidden_topic", "publish_disabled", "backplane_down"]);
 
 /** Open a client on a multiplexed endpoint (`ws://host/ws`, or a URL relative to the page). */
 export function connect(url = "ws", options = {}) {
