@@ -251,8 +251,9 @@ export class Client {
 
   #error(item) {
     const error = new BroadcasterError(item.error, item.detail);
-    // The server answers each command in order but sends an error at once, so an error that
-    // can only come from one kind of command goes to the oldest of that kind still waiting.
+    // An error frame does not say which command it answers, and it is sent at once, ahead
+    // of answers to earlier commands. One that refuses subscribes goes to a subscribe still
+    // waiting for its answer; one that refuses publishes, to the oldest publish waiting.
     const subscribe = [...this.#topics.values()].find((entry) => entry.pending);
     if (SUBSCRIBE_ERRORS.has(item.error) && subscribe !== undefined) {
       error.topic = subscribe.name;
