@@ -273,6 +273,36 @@ async def test_client_fills_a_seq_gap_from_history(browser: Browser) -> None:
     assert (record["gaps"], record["errors"], record["closes"]) == ([], [], [])
 
 
+async def test_client_gives_up_on_a_gap_whose_replays_keep_being_cut_short(
+    browser: Browser,
+) -> None:
+    """When the overflow policy drops the head of every replay, the client stops asking after
+    a few tries, reports the gap, and goes on."""
+    settings = Settings(overflow=Overflow.DROP_OLDEST, queue_max_messages=3, log_format="json")
+    async with (
+        running_server(settings) as live,
+        httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http,
+    ):
+        page = await browser.new_page()
+        await follow(page, live, "news")
+        await wait_page(page, "() => window.follower.client.state === 'connected'")
+        await publish(http, "news", 1)
+        await wait_page(page, "() => window.follower.seen.length === 1")
+        for n in range(2, 12):
+            live.broadcaster.hub.publish_nowait("news", Payload.from_data(n))
+        await wait_page(page, "() => window.follower.seen.length === 4")
+        await publish(http, "news", 12)
+        await wait_page(page, "() => window.follower.seen.length === 5")
+        record = await page.evaluate("({ ...window.follower, client: null })")
+        recoveries = dict(live.broadcaster.hub.statistics().recoveries)
+    assert [[seq, data] for seq, data, _ in record["seen"]] == [[1, 1]] + [
+        [n, n] for n in range(9, 13)
+    ]
+    [gap] = record["gaps"]
+    assert (gap["after"]["seq"], gap["resumed"]["seq"]) == (1, 8)
+    assert recoveries == {"recovered": 3}
+
+
 async def test_client_reports_a_gap_that_history_cannot_fill(browser: Browser) -> None:
     """Back after more messages than the history keeps, the client reports a gap and goes
     on from the live position."""

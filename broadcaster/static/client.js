@@ -23,6 +23,9 @@ const TOKEN_EXPIRED = { code: 1008, reason: "token expired" };
 // The errors that refuse a subscribe, and those that refuse a publish.
 const SUBSCRIBE_ERRORS = new Set(["forbidden_topic", "too_many_subscriptions"]);
 const PUBLISH_ERRORS = new Set(["forbidden_topic", "publish_disabled", "backplane_down"]);
+// Replays of one gap that may come back short before the client gives up on filling it: a
+// replay larger than the room the server's outbox has for this client is cut short each time.
+const MAX_FILLS = 3;
 
 /** Open a client on a multiplexed endpoint (`ws://host/ws`, or a URL relative to the page). */
 export function connect(url = "ws", options = {}) {
@@ -213,11 +216,16 @@ export class Client {
     const { epoch, seq: last } = entry.position;
     const seq = item.seq;
     if (last !== null && seq <= last) return; // already delivered: a replay that overlaps
-    if (last !== null && seq > last + 1) {
+    if (last !== null && seq > last + 1 && entry.fills < MAX_FILLS) {
+      entry.fills += 1;
       entry.filling = true; // skip what races the replay until the server acknowledges it
       this.#join(entry);
       return;
     }
+    if (last !== null && seq > last + 1) {
+      this.#giveUp(entry, seq - 1);
+    }
+    entry.fills = 0;
     entry.position = { epoch, seq };
     const meta = { topic: entry.name, epoch, seq, replayed: seq <= entry.replayedUntil };
     const data = item.encoding === "base64" ? decodeBase64(item.data) : item.data;
@@ -243,6 +251,7 @@ export class Client {
       return;
     }
     entry.replayedUntil = 0;
+    entry.fills = 0;
     entry.position = { epoch: item.epoch, seq: item.seq };
     if (before !== null) {
       this.#emit("gap", { topic: entry.name, after: before, resumed: { ...entry.position } });
@@ -280,10 +289,24 @@ export class Client {
   #checkReplay(entry) {
     if (this.#topics.get(entry.name) !== entry || entry.pending || entry.filling) return;
     const position = entry.position;
-    if (position !== null && position.seq !== null && position.seq < entry.replayedUntil) {
+    if (position === null || position.seq === null || position.seq >= entry.replayedUntil) {
+      return;
+    }
+    if (entry.fills < MAX_FILLS) {
+      entry.fills += 1;
       entry.filling = true;
       this.#join(entry);
+    } else {
+      this.#giveUp(entry, entry.replayedUntil);
     }
+  }
+
+  // Report what the replays could not bring and go on from `seq`.
+  #giveUp(entry, seq) {
+    const after = entry.position;
+    entry.fills = 0;
+    entry.position = { epoch: after.epoch, seq };
+    this.#emit("gap", { topic: entry.name, after, resumed: { ...entry.position } });
   }
 
   // Send the subscribe that (re)joins `entry` where the client left it; without a connection,
@@ -381,12 +404,14 @@ class Topic {
     this.position = options.since ? { epoch: options.since.epoch, seq: options.since.seq } : null;
     this.pending = false; // a subscribe is waiting for its acknowledgement
     this.filling = false; // re-subscribed after a gap: skip messages until acknowledged
+    this.fills = 0; // replays of the current gap so far
     this.replayedUntil = 0; // messages up to this seq are a replay
   }
 
   reset() {
     this.pending = false;
     this.filling = false;
+    this.fills = 0;
     if (this.position !== null && this.position.seq === null) this.position = null;
   }
 }
