@@ -380,3 +380,40 @@ async def test_publish_rejects_when_client_publishing_is_off(browser: Browser) -
         )
         assert code == "publish_disabled"
         assert await page.evaluate("window.follower.errors") == []
+
+
+async def test_subscribe_rewinds_with_last_and_resumes_from_a_stored_position(
+    browser: Browser,
+) -> None:
+    """`last` starts with the latest messages of the history; `since` with those after a
+    position the page kept."""
+    async with (
+        running_server() as live,
+        httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http,
+    ):
+        receipts = []
+        for n in range(1, 6):
+            response = await http.post("/publish/news", json=n)
+            receipts.append(response.json())
+        page = await browser.new_page()
+        await page.goto(f"{live.http_url}/healthz")
+        since = {"epoch": receipts[1]["epoch"], "seq": receipts[1]["seq"]}
+        await page.evaluate(
+            """async (since) => {
+              const { connect } = await import("/client.js");
+              const client = connect("/ws");
+              window.rewound = [];
+              window.resumed = [];
+              const keep = (into) => (data, meta) => into.push([meta.seq, data, meta.replayed]);
+              client.subscribe("news", keep(window.rewound), { last: 2 });
+              connect("/ws").subscribe("news", keep(window.resumed), { since });
+            }""",
+            since,
+        )
+        await wait_page(page, "() => window.rewound.length === 2 && window.resumed.length === 3")
+        await publish(http, "news", 6)
+        await wait_page(page, "() => window.rewound.length === 3 && window.resumed.length === 4")
+        rewound = await page.evaluate("window.rewound")
+        resumed = await page.evaluate("window.resumed")
+    assert rewound == [[4, 4, True], [5, 5, True], [6, 6, False]]
+    assert resumed == [[3, 3, True], [4, 4, True], [5, 5, True], [6, 6, False]]
