@@ -12,11 +12,12 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, WebSocket
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.websockets import WebSocketDisconnect
 
 from broadcaster.auth import Authenticator, Grant, origin_allowed
@@ -57,6 +58,9 @@ if TYPE_CHECKING:
     from broadcaster.outbox import OutboxStatistics
     from broadcaster.protocol import Frame
     from broadcaster.writer import Lane
+
+# The browser client, its type declarations and the page at /.
+STATIC = Path(__file__).parent / "static"
 
 
 class _StarletteSocket:
@@ -426,6 +430,26 @@ class Broadcaster:
         @router.get("/metrics")
         async def metrics() -> Response:
             return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+        client_js = (STATIC / "client.js").read_bytes()
+        client_types = (STATIC / "client.d.ts").read_bytes()
+
+        @router.get("/client.js", include_in_schema=False)
+        async def client() -> Response:
+            # Deno and other runtimes that load modules by URL find the types in this header.
+            types = {"X-TypeScript-Types": "./client.d.ts"}
+            return Response(client_js, media_type="text/javascript", headers=types)
+
+        @router.get("/client.d.ts", include_in_schema=False)
+        async def client_declarations() -> Response:
+            return Response(client_types, media_type="application/typescript; charset=utf-8")
+
+        if self.settings.demo:
+            index_html = (STATIC / "index.html").read_bytes()
+
+            @router.get("/", include_in_schema=False)
+            async def index() -> Response:
+                return HTMLResponse(index_html)
 
         @router.get("/connections")
         async def connections(

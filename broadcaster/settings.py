@@ -227,6 +227,11 @@ class Settings(BaseSettings):
     client_publish: bool = Field(
         True, description="Whether WebSocket clients may publish at all (HTTP is not affected)."
     )
+    demo: bool = Field(
+        True,
+        description="Whether `/` serves the page with the endpoints and a live chat demo; "
+        "false makes `/` answer 404.",
+    )
     jwt_secret: Secret = Field(
         None, description="HS256 secret of the JWTs that WebSocket clients must present."
     )
