@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -55,7 +55,11 @@ async def test_without_an_admin_token_loopback_may_look(path: str, host: str) ->
     ("options", "status", "error"),
     [
         ({}, 401, "missing_admin_token"),
-        ({"headers": {"Authorization": "Bearer wrong-token-0123456789"}}, 403, "invalid_admin_token"),
+        (
+            {"headers": {"Authorization": "Bearer wrong-token-0123456789"}},
+            403,
+            "invalid_admin_token",
+        ),
         ({"params": {"token": "wrong-token-0123456789"}}, 403, "invalid_admin_token"),
     ],
 )
@@ -108,7 +112,7 @@ async def test_refusals_are_counted() -> None:
     assert samples[("broadcaster_refused_total", (("reason", "missing_admin_token"),))] == 1
 
 
-async def next_snapshot(live: LiveServer, path: str = "/dashboard/events") -> dict[str, object]:
+async def next_snapshot(live: LiveServer, path: str = "/dashboard/events") -> dict[str, Any]:
     async with (
         httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http,
         http.stream("GET", path) as response,
@@ -116,7 +120,7 @@ async def next_snapshot(live: LiveServer, path: str = "/dashboard/events") -> di
         assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
         with anyio.fail_after(10):
             async for event in sse_events(response):
-                snapshot: dict[str, object] = event.json()
+                snapshot: dict[str, Any] = event.json()
                 return snapshot
     raise AssertionError("the stream ended")
 
@@ -131,15 +135,13 @@ async def test_snapshots_hold_the_metrics_the_slowest_connections_and_the_backpl
         snapshot = await next_snapshot(live)
         samples = await scrape(live)
     metrics = snapshot["metrics"]
-    assert isinstance(metrics, dict)
     assert metrics["broadcaster_connections"] == samples[("broadcaster_connections", ())] == 1
     assert metrics["broadcaster_topics"] == 2
     published = ("broadcaster_messages_published_total", (("source", "http"),))
     assert metrics["broadcaster_messages_published_total"] == {"http": samples[published]}
     assert samples[published] == 3
     assert not any(name.endswith("_bucket") for name in metrics)
-    (row,) = snapshot["connections"]  # type: ignore[misc]
-    assert (row["mode"], row["subscriptions"]) == ("mux", 2)
+    assert [(row["mode"], row["subscriptions"]) for row in snapshot["connections"]] == [("mux", 2)]
     assert snapshot["backplane"] is None
 
 

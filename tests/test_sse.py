@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 
 from broadcaster.app import Broadcaster
+from broadcaster.errors import ShuttingDown
 from broadcaster.policy import Overflow
 from broadcaster.settings import Settings
 from tests.support import (
@@ -30,6 +31,8 @@ from tests.support import (
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from playwright.async_api import Browser
 
 
 @asynccontextmanager
@@ -76,7 +79,12 @@ async def test_events_carry_epoch_and_seq_ids_and_the_envelope() -> None:
             (subscribed,) = await take(events, 1)
             epoch = subscribed.json()["epoch"]
             assert subscribed.event == "subscribed"
-            assert subscribed.json() == {"op": "subscribed", "topic": "news", "epoch": epoch, "seq": 1}
+            assert subscribed.json() == {
+                "op": "subscribed",
+                "topic": "news",
+                "epoch": epoch,
+                "seq": 1,
+            }
             assert subscribed.id == f"{epoch}:1"
             await publish(live, "news", {"a": 1}, "two\nlines")
             first, second = await take(events, 2)
@@ -251,3 +259,41 @@ async def test_a_router_mounted_elsewhere_serves_streams_too() -> None:
         response = await http.get("/live/sse/t", headers={"Last-Event-ID": "x"})
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_last_event_id"
+
+
+async def test_an_event_source_resumes_after_the_server_cuts_it(browser: Browser) -> None:
+    """In a browser, a plain ``EventSource`` cut off by the server reconnects by itself and,
+    through ``Last-Event-ID``, gets what was published meanwhile: no loss, no duplicate."""
+    async with running_server() as live:
+        page = await browser.new_page()
+        try:
+            await page.goto(live.http_url + "/healthz")  # the same origin as the stream
+            await page.evaluate(
+                """() => {
+                    window.got = []; window.subscribed = []; window.closes = [];
+                    const source = new EventSource("/sse/cut");
+                    source.onmessage = (e) => window.got.push(JSON.parse(e.data).data);
+                    source.addEventListener(
+                        "subscribed", (e) => window.subscribed.push(JSON.parse(e.data)));
+                    source.addEventListener(
+                        "close", (e) => window.closes.push(JSON.parse(e.data)));
+                }"""
+            )
+            await page.wait_for_function("window.subscribed.length === 1", timeout=10_000)
+            await publish(live, "cut", *range(1, 21))
+            await page.wait_for_function("window.got.length === 20", timeout=10_000)
+            (subscriber,) = live.broadcaster.hub.subscribers()
+            subscriber.outbox.fail(ShuttingDown())
+            await wait_until(lambda: live.broadcaster.hub.statistics().subscribers == 0)
+            await publish(live, "cut", *range(21, 41))
+            await page.wait_for_function(
+                "window.subscribed.length === 2 && window.got.length >= 40", timeout=10_000
+            )
+            got = await page.evaluate("window.got")
+            subscribed = await page.evaluate("window.subscribed")
+            closes = await page.evaluate("window.closes")
+        finally:
+            await page.close()
+    assert got == list(range(1, 41))
+    assert subscribed[1]["recovered"] is True
+    assert closes == [{"code": 1001, "reason": "server shutting down"}]
