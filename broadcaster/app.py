@@ -174,6 +174,8 @@ class Broadcaster:
         # WebSocket and SSE connections admitted and not yet ended, for
         # BROADCASTER_MAX_CONNECTIONS.
         self._open = 0
+        # Open SSE streams, to end when a drain has flushed them.
+        self._streams: set[EventStream] = set()
         self.router = self._routes()
 
     @property
@@ -216,6 +218,10 @@ class Broadcaster:
                 await subscriber.outbox.wait_empty()
         left = sum(s.outbox.statistics().queued_messages for s in self.hub.subscribers())
         log.info("drain_finished", timed_out=deadline.cancelled_caught, messages_left=left)
+        # The server closes WebSockets with 1001 as it stops; an HTTP response it would wait
+        # for instead, so SSE streams end here.
+        for events in self._streams:
+            events.stop()
         self._on_drained()
 
     async def publish(self, topic: str, data: Any) -> None:
@@ -279,8 +285,12 @@ class Broadcaster:
             last=last,
             ping_interval=self.settings.ping_interval,
         )
-        await self._connect(events, events.start, None, grant, None, request.client)
-        await events.finish()
+        self._streams.add(events)
+        try:
+            await self._connect(events, events.start, None, grant, None, request.client)
+            await events.finish()
+        finally:
+            self._streams.discard(events)
 
     async def _connect(
         self,

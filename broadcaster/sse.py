@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from broadcaster.errors import ProtocolError
+from broadcaster.errors import CloseCode, ProtocolError, ShuttingDown
 from broadcaster.protocol import Position, parse_epoch, parse_query_count
 
 if TYPE_CHECKING:
@@ -89,7 +89,17 @@ class EventStream:
     the response unless :meth:`close` has.
     """
 
-    __slots__ = ("_ended", "_epoch", "_interval", "_prefix", "_receive", "_send", "_subscribe")
+    __slots__ = (
+        "_ended",
+        "_epoch",
+        "_interval",
+        "_prefix",
+        "_receive",
+        "_send",
+        "_stopped",
+        "_subscribe",
+        "_waiting",
+    )
 
     lane: Lane | None = None
 
@@ -116,6 +126,9 @@ class EventStream:
         self._prefix = len('{"topic":"' + topic + '","seq":')
         self._epoch = ""
         self._ended = False
+        self._stopped = False
+        # The wait for the client's next message, which stop() cuts short.
+        self._waiting: anyio.CancelScope | None = None
 
     async def start(self) -> None:
         """Send the response's head and the reconnection delay."""
@@ -127,11 +140,18 @@ class EventStream:
         if self._subscribe is not None:
             command, self._subscribe = self._subscribe, None
             return command
-        with anyio.move_on_after(self._interval):
-            while (await self._receive())["type"] != "http.disconnect":
+        with anyio.move_on_after(self._interval) as self._waiting:
+            while not self._stopped and (await self._receive())["type"] != "http.disconnect":
                 pass  # the body of a GET, if any, means nothing
             return None
-        return PING
+        return None if self._stopped else PING
+
+    def stop(self) -> None:
+        """End the stream as the server shuts down: the connection sees the client gone, and
+        :meth:`finish` tells the client why."""
+        self._stopped = True
+        if self._waiting is not None:
+            self._waiting.cancel()
 
     async def send(self, frames: Sequence[Frame]) -> None:
         """Write frames as events; raises ``anyio.BrokenResourceError`` once the client has
@@ -144,7 +164,9 @@ class EventStream:
         await self._end(f"event: close\ndata: {data}\n\n".encode())
 
     async def finish(self) -> None:
-        """End the response if :meth:`close` has not."""
+        """End the response if :meth:`close` has not, saying why if :meth:`stop` did."""
+        if self._stopped:
+            await self.close(CloseCode.GOING_AWAY, ShuttingDown().reason)
         await self._end(b"")
 
     def _event(self, frame: Frame) -> bytes:

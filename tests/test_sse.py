@@ -297,3 +297,32 @@ async def test_an_event_source_resumes_after_the_server_cuts_it(browser: Browser
     assert got == list(range(1, 41))
     assert subscribed[1]["recovered"] is True
     assert closes == [{"code": 1001, "reason": "server shutting down"}]
+
+
+async def test_a_drain_flushes_streams_then_ends_them_with_1001() -> None:
+    """After SIGTERM's drain, a stream gets what was queued, then ``close`` 1001, and ends."""
+    async with running_server() as live, stream(live, "/sse/t") as (_, events):
+        await take(events, 1)
+        await publish(live, "t", "last words")
+        drained = anyio.Event()
+        live.broadcaster.request_drain(drained.set)
+        message, close = await take(events, 2)
+        assert message.json()["data"] == "last words"
+        assert (close.event, close.json()) == (
+            "close",
+            {"code": 1001, "reason": "server shutting down"},
+        )
+        with anyio.fail_after(10):
+            await drained.wait()
+            assert await take(events, 1) == []
+
+
+async def test_streams_hold_an_http_connection_slot_of_their_address() -> None:
+    """An open stream counts against ``MAX_HTTP_CONNECTIONS_PER_ADDRESS`` for its life."""
+    settings = Settings(log_format="json", max_http_connections_per_address=1)
+    async with running_server(settings) as live, stream(live, "/sse/t") as (_, events):
+        await take(events, 1)
+        async with httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http:
+            response = await http.get("/healthz")
+        assert response.status_code == 429
+        assert response.json()["error"] == "too_many_http_connections_from_address"
