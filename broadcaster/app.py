@@ -159,6 +159,7 @@ class Broadcaster:
         self.writer = Writer(settings.send_timeout)
         self.draining = False
         self._drain_asked = anyio.Event()
+        self._drained = anyio.Event()
         self._on_drained: Callable[[], None] = lambda: None
         self._on_hub_failure = on_hub_failure
         self._log = get_logger("broadcaster.connection")
@@ -222,6 +223,7 @@ class Broadcaster:
         # for instead, so SSE streams end here.
         for events in self._streams:
             events.stop()
+        self._drained.set()
         self._on_drained()
 
     async def publish(self, topic: str, data: Any) -> None:
@@ -516,7 +518,7 @@ class Broadcaster:
                 await refusal(scope, receive, send)
                 return
             make = partial(snapshot, self.metrics.registry, self.hub, self.bridge)
-            await stream(receive, send, make, self.settings.send_timeout)
+            await stream(receive, send, make, self.settings.send_timeout, self._drained)
 
         async def events(scope: Scope, receive: Receive, send: Send) -> None:
             await self.serve_events(scope, receive, send, scope["path_params"]["topic"])

@@ -125,12 +125,17 @@ def snapshot(registry: CollectorRegistry, hub: Hub, bridge: Bridge | None) -> di
 
 
 async def stream(
-    receive: Receive, send: Send, make: Callable[[], dict[str, Any]], send_timeout: float
+    receive: Receive,
+    send: Send,
+    make: Callable[[], dict[str, Any]],
+    send_timeout: float,
+    until: anyio.Event,
 ) -> None:
     """Answer one request with an event stream of ``make()`` every :data:`INTERVAL` seconds,
-    until the client goes or a write takes longer than ``send_timeout``."""
+    until the client goes, a write takes longer than ``send_timeout``, or ``until`` is set
+    (then the response ends, at most one interval later)."""
     await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
-    while True:
+    while not until.is_set():
         body = b"data: " + json.dumps(make(), separators=(",", ":")).encode() + b"\n\n"
         with anyio.move_on_after(send_timeout) as write:
             await send({"type": "http.response.body", "body": body, "more_body": True})
@@ -140,6 +145,7 @@ async def stream(
             while (await receive())["type"] != "http.disconnect":
                 pass  # the body of a GET, if any, means nothing
             return
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def page(name: str) -> bytes:

@@ -160,7 +160,7 @@ class EventStream:
 
     async def close(self, code: int, reason: str) -> None:
         """Tell the client why the stream ends, and end it."""
-        data = json.dumps({"code": code, "reason": reason})
+        data = json.dumps({"code": code, "reason": reason}, separators=(",", ":"))
         await self._end(f"event: close\ndata: {data}\n\n".encode())
 
     async def finish(self) -> None:

@@ -223,3 +223,21 @@ async def publisher(live: LiveServer, done: anyio.Event) -> None:
                 return
             body = json.dumps({"n": count})
             await http.post(f"/publish/load.{count % 3}", content=body)
+
+
+async def test_the_stream_ends_once_a_drain_is_done() -> None:
+    """After SIGTERM's drain the dashboard's stream ends, so that it does not hold the server."""
+    async with (
+        running_server() as live,
+        httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http,
+        http.stream("GET", "/dashboard/events") as response,
+    ):
+        events = sse_events(response)
+        with anyio.fail_after(10):
+            first = await anext(events)
+            assert "broadcaster_connections" in first.json()["metrics"]
+            drained = anyio.Event()
+            live.broadcaster.request_drain(drained.set)
+            await drained.wait()
+            left = [event async for event in events]
+        assert len(left) <= 2  # the snapshots written while the drain ran

@@ -244,7 +244,7 @@ async def test_a_slow_stream_is_dropped_by_policy_and_told_why() -> None:
             while not received.endswith(b"\r\n0\r\n\r\n"):
                 received += await reader.read(65536)
         writer.close()
-    close = b'event: close\ndata: {"code": 1013, "reason": "slow consumer"}\n\n'
+    close = b'event: close\ndata: {"code":1013,"reason":"slow consumer"}\n\n'
     assert received.endswith(close + b"\r\n0\r\n\r\n")
 
 
