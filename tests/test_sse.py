@@ -182,7 +182,7 @@ async def test_an_expired_token_ends_the_stream_with_a_close_event() -> None:
     """The stream of a token that expires is told so (1008) before it ends."""
     settings = Settings(log_format="json", jwt_secret=JWT_SECRET)
     async with running_server(settings) as live:
-        path = f"/sse/t?token={token(subscribe=['t'], lifetime=1)}"
+        path = f"/sse/t?token={token(subscribe=['t'], lifetime=2)}"
         async with stream(live, path) as (_, events):
             _, close = await take(events, 2)
     assert (close.event, close.json()) == ("close", {"code": 1008, "reason": "token expired"})
