@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from broadcaster.errors import CloseCode, ProtocolError, ShuttingDown
+from broadcaster.errors import CloseCode, Closing, ProtocolError, ShuttingDown
 from broadcaster.protocol import Position, parse_epoch, parse_query_count
 
 if TYPE_CHECKING:
@@ -126,7 +126,8 @@ class EventStream:
         self._prefix = len('{"topic":"' + topic + '","seq":')
         self._epoch = ""
         self._ended = False
-        self._stopped = False
+        # Why the server ends the stream, once it has decided to (see stop).
+        self._stopped: Closing | None = None
         # The wait for the client's next message, which stop() cuts short.
         self._waiting: anyio.CancelScope | None = None
 
@@ -146,10 +147,10 @@ class EventStream:
             return None
         return None if self._stopped else PING
 
-    def stop(self) -> None:
-        """End the stream as the server shuts down: the connection sees the client gone, and
-        :meth:`finish` tells the client why."""
-        self._stopped = True
+    def stop(self, closing: Closing | None = None) -> None:
+        """End the stream (by default as the server shuts down): the connection sees the
+        client gone, and :meth:`finish` tells the client why."""
+        self._stopped = closing or ShuttingDown()
         if self._waiting is not None:
             self._waiting.cancel()
 
@@ -165,8 +166,8 @@ class EventStream:
 
     async def finish(self) -> None:
         """End the response if :meth:`close` has not, saying why if :meth:`stop` did."""
-        if self._stopped:
-            await self.close(CloseCode.GOING_AWAY, ShuttingDown().reason)
+        if self._stopped is not None:
+            await self.close(self._stopped.code, self._stopped.reason)
         await self._end(b"")
 
     def _event(self, frame: Frame) -> bytes:
@@ -183,7 +184,11 @@ class EventStream:
             # message then resumes from there, missing nothing.
             self._epoch, seq = answer["epoch"], answer["seq"]
             return f"id: {self._epoch}:{seq}\nevent: subscribed\ndata: {data}\n\n".encode()
-        # An error frame: named apart from EventSource's own "error" event.
+        # An error frame: the subscription failed (with a broker, backplane_down or
+        # backplane_busy), and a stream without it has nothing to carry. It ends, and the
+        # browser subscribes again after its retry delay. Named apart from EventSource's own
+        # "error" event.
+        self.stop(Closing(CloseCode.TRY_AGAIN_LATER, answer["error"]))
         return f"event: refused\ndata: {data}\n\n".encode()
 
     async def _end(self, body: bytes) -> None:

@@ -15,9 +15,11 @@ import pytest
 from fastapi import FastAPI
 
 from broadcaster.app import Broadcaster
-from broadcaster.errors import ShuttingDown
+from broadcaster.errors import ProtocolError, ShuttingDown
 from broadcaster.policy import Overflow
+from broadcaster.protocol import error_frame
 from broadcaster.settings import Settings
+from broadcaster.sse import EventStream
 from tests.support import (
     JWT_SECRET,
     Event,
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from playwright.async_api import Browser
+    from starlette.types import Message
 
 
 @asynccontextmanager
@@ -326,3 +329,32 @@ async def test_streams_hold_an_http_connection_slot_of_their_address() -> None:
             response = await http.get("/healthz")
         assert response.status_code == 429
         assert response.json()["error"] == "too_many_http_connections_from_address"
+
+
+async def test_a_failed_subscription_ends_the_stream_saying_why() -> None:
+    """An error frame (a broker that could not subscribe) becomes a ``refused`` event, then
+    ``close`` 1013 with its code, and the stream ends so that the browser subscribes again."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    events = EventStream(receive, send, "t", since=None, last=None, ping_interval=60)
+    assert await events.receive() == '{"op": "subscribe", "topic": "t"}'
+    error = error_frame(ProtocolError("backplane_down", "redis: connection refused"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(events.send, [error])
+        with anyio.fail_after(10):
+            assert await events.receive() is None
+    await events.finish()
+    await events.finish()
+    assert [message["body"] for message in sent] == [
+        b'event: refused\ndata: {"op":"error","error":"backplane_down",'
+        b'"detail":"redis: connection refused"}\n\n',
+        b'event: close\ndata: {"code":1013,"reason":"backplane_down"}\n\n',
+    ]
+    assert sent[-1]["more_body"] is False
