@@ -39,7 +39,7 @@ MIN_SECRET_LENGTH = 32
 # A publish token is compared in constant time, but a short one can still be guessed.
 MIN_TOKEN_LENGTH = 16
 # Settings whose values are secrets: errors name them but never echo what was given.
-SECRET_SETTINGS = frozenset({"publish_tokens", "jwt_secret", "jwt_public_key"})
+SECRET_SETTINGS = frozenset({"publish_tokens", "jwt_secret", "jwt_public_key", "admin_token"})
 
 
 def normal_origin(origin: str) -> str:
@@ -130,6 +130,11 @@ Secret = Annotated[
     AfterValidator(lambda secret: secret and _long_enough(MIN_SECRET_LENGTH)(secret)),
 ]
 PublicKey = Annotated[SecretStr | None, BeforeValidator(_read_key), AfterValidator(_valid_key)]
+Token = Annotated[
+    SecretStr | None,
+    BeforeValidator(_unset_when_empty),
+    AfterValidator(lambda token: token and _long_enough(MIN_TOKEN_LENGTH)(token)),
+]
 
 # The backplane URL schemes, and the client module (and extra of the same name) each needs.
 BACKPLANE_SCHEMES = {"redis": "redis", "rediss": "redis", "nats": "nats", "tls": "nats"}
@@ -239,6 +244,11 @@ class Settings(BaseSettings):
         None,
         description="PEM public key (the text, or a file's path) of RS256 or ES256 JWTs that "
         "WebSocket clients must present.",
+    )
+    admin_token: Token = Field(
+        None,
+        description="Bearer token for /connections, /topics and /dashboard, which show peer "
+        "addresses; unset lets only loopback clients see them.",
     )
     allowed_origins: Origins = Field(
         (),
