@@ -97,7 +97,7 @@ class Publisher(StrEnum):
 
 
 # The stress extra's modules: a missing one is a missing extra, not a bug.
-STRESS_EXTRA = frozenset({"picows", "psutil", "rich", "matplotlib"})
+STRESS_EXTRA = frozenset({"picows", "psutil", "rich", "matplotlib", "websockets"})
 # Columns of the report when the output is not a terminal: wide enough that no table or line
 # of it wraps in a log file; tables take only the width they need.
 REPORT_WIDTH = 1000
