@@ -26,6 +26,8 @@ from tests.support import running_server, scrape
 from tests.test_backplane import node_settings
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from broadcaster.stress import Report
 
 STRESS = [sys.executable, "-m", "broadcaster", "stress"]
@@ -215,7 +217,7 @@ async def test_two_nodes_on_redis_give_every_client_one_identical_sequence() -> 
         assert samples[("broadcaster_connections_accepted_total", ())] > 4 + 1
 
 
-async def test_a_publisher_cut_off_is_a_failed_run(tmp_path: Any) -> None:
+async def test_a_publisher_cut_off_is_a_failed_run(tmp_path: Path) -> None:
     """A server that closes the publisher with 1009 (its message limit is below what the tool
     assumes for --url) makes a failed run: named, with each kind's health, exit status 2."""
     out = tmp_path / "out.json"

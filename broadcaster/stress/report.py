@@ -8,6 +8,7 @@ Latencies come from merged histograms (about 3 % resolution); the maximum is exa
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -299,10 +300,11 @@ def _kind_report(kind: Kind, outcome: Outcome) -> KindReport:
     total_expected = sum(expected)
     delivered = sum(c.received for c in clients)
     lost = sum(max(e - c.received, 0) for c, e in zip(clients, expected, strict=True))
+    # The sequence most clients of each topic delivered.
     usual: dict[str, str | None] = {}
     for topic in {c.topic for c in clients}:
-        digests = [c.digest for c in clients if c.topic == topic]
-        usual[topic] = max(digests, key=digests.count)
+        digests = Counter(c.digest for c in clients if c.topic == topic)
+        usual[topic] = digests.most_common(1)[0][0]
     return KindReport(
         kind=kind,
         clients=len(clients),

@@ -17,6 +17,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from picows import WSMsgType
@@ -45,7 +46,7 @@ class Judge:
     not_recovered: int = 0
     # The highest seq seen on the wire per topic since the last acknowledgement.
     newest: dict[str, int] = field(default_factory=dict)
-    digest: Any = field(default_factory=lambda: hashlib.blake2b(digest_size=16))
+    digest: hashlib.blake2b = field(default_factory=partial(hashlib.blake2b, digest_size=16))
 
     def take(self, item: dict[str, Any], tally: Tally, now_ns: int) -> str | None:
         """Judge one object from the server, count what the tracker delivers, and return the
@@ -118,7 +119,11 @@ class Resumer(Receiver):
         if self.deadline_ns is not None and now_ns > self.deadline_ns:
             self.leave()
             return
-        value = json.loads(frame.get_payload_as_bytes())
+        try:
+            value = json.loads(frame.get_payload_as_bytes())
+        except ValueError:
+            self.tally.unparsed += 1
+            return
         for item in value if isinstance(value, list) else [value]:
             if not isinstance(item, dict):
                 continue
