@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -12,15 +13,18 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 from rich.console import Console
+from websockets.asyncio.server import ServerConnection, serve
 
 from broadcaster.client import Tracker
 from broadcaster.settings import Settings
 from broadcaster.stress import Kind, Mode, Scenario, Thresholds, run_scenario
 from broadcaster.stress.clients import Tally, message_data
+from broadcaster.stress.messages import ClientSpec, WorkerPlan
 from broadcaster.stress.plot import draw
 from broadcaster.stress.render import print_report
 from broadcaster.stress.resume import Judge
 from broadcaster.stress.scenario import DEFAULT_MAX_MESSAGE_BYTES
+from broadcaster.stress.worker import Worker
 from tests.brokers import running_broker
 from tests.support import running_server, scrape
 from tests.test_backplane import node_settings
@@ -233,3 +237,39 @@ async def test_a_publisher_cut_off_is_a_failed_run(tmp_path: Path) -> None:
     assert "OK every threshold met" not in stdout
     report = json.loads(out.read_text())
     assert report["failures"][0].startswith("the server closed the publisher's connection: 1009")
+
+
+async def test_a_connection_whose_subscribe_is_never_answered_is_closed() -> None:
+    """A reconnecting client's connection that times out before its subscribe is answered is
+    dropped, rather than left open to deliver alongside the next one."""
+    closed = anyio.Event()
+
+    async def never_answers(connection: ServerConnection) -> None:
+        await connection.wait_closed()
+        closed.set()
+
+    async with serve(never_answers, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        plan = WorkerPlan(
+            index=0,
+            base_url=f"ws://127.0.0.1:{port}",
+            mode=Mode.MUX,
+            clients=(ClientSpec(Kind.RECONNECT, "t"),),
+            publisher=None,
+            seed=0,
+            duration=1,
+            drain=1,
+            slow_rate=1,
+            stall_for=None,
+            churn_stay=1,
+            receive_buffer=8192,
+            connect_timeout=0.5,
+            progress_seconds=1,
+        )
+        parent, child = multiprocessing.Pipe()
+        with parent, child:
+            worker = Worker(plan, child)
+            with pytest.raises(TimeoutError):
+                await worker._open(worker.clients[0])
+        with anyio.fail_after(10):
+            await closed.wait()

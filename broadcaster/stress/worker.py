@@ -282,18 +282,25 @@ class Worker:
         if plan.source_addresses > 1:
             self._opened += 1
             source = f"127.0.0.{1 + self._opened % plan.source_addresses}"
-        with anyio.fail_after(plan.connect_timeout):
-            transport = await connect(
-                f"{base_url}/ws/{topic}" if raw else f"{base_url}/ws",
-                receiver,
-                receive_buffer=plan.receive_buffer if small else FREE_RECEIVE_BUFFER,
-                source=source,
-            )
-            if isinstance(receiver, Resumer):
-                receiver.resubscribe()
-                await receiver.subscribed.wait()
-            elif not raw:
-                await subscribe(transport, receiver, topic)
+        try:
+            with anyio.fail_after(plan.connect_timeout):
+                transport = await connect(
+                    f"{base_url}/ws/{topic}" if raw else f"{base_url}/ws",
+                    receiver,
+                    receive_buffer=plan.receive_buffer if small else FREE_RECEIVE_BUFFER,
+                    source=source,
+                )
+                if isinstance(receiver, Resumer):
+                    receiver.resubscribe()
+                    await receiver.subscribed.wait()
+                elif not raw:
+                    await subscribe(transport, receiver, topic)
+        except BaseException:
+            # Timed out or cancelled half-way: a connection left open would go on feeding this
+            # client's counts (a reconnecting client's next connection resumes too, and both
+            # would deliver the same messages).
+            receiver.leave(reset=True)
+            raise
         receiver.deadline_ns = self.deadline_ns
         return receiver
 
