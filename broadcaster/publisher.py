@@ -128,15 +128,20 @@ def _refusal(response: httpx.Response) -> PublishError:
     )
 
 
-async def publish_once(http: httpx.AsyncClient, topic: str, data: Any) -> Receipt:
-    """``POST /publish/{topic}`` one JSON value with ``http`` (its ``base_url`` the server's),
-    once, without retrying.
+async def publish_once(
+    http: httpx.AsyncClient, topic: str, data: Any, base_url: str = ""
+) -> Receipt:
+    """``POST /publish/{topic}`` one JSON value with ``http``, once, without retrying.
+
+    Args:
+        base_url: the server's base URL; by default the client's own ``base_url``.
 
     Raises:
         PublishError: the server refused it (``retry_after`` set for 503 and 429).
         httpx.HTTPError: the server could not be reached.
     """
-    return _receipt(await http.post(f"/publish/{topic}", content=_dumps(data), headers=_JSON))
+    path = f"{base_url}/publish/{topic}"
+    return _receipt(await http.post(path, content=_dumps(data), headers=_JSON))
 
 
 def _receipt(response: httpx.Response) -> Receipt:

@@ -38,9 +38,17 @@ from broadcaster.stress.messages import (
     WorkerPlan,
 )
 from broadcaster.stress.publisher import PublisherPlan, PublisherResult, Via
-from broadcaster.stress.registry import leftover, wait_listed
+from broadcaster.stress.registry import RegistryRefused, leftover, wait_listed
 from broadcaster.stress.report import Outcome, Report, summarise
-from broadcaster.stress.spawned import Sample, Sampler, ServerFailed, SpawnedServer, can_pin, pin
+from broadcaster.stress.spawned import (
+    Sample,
+    Sampler,
+    ServerFailed,
+    SpawnedServer,
+    can_pin,
+    pin,
+    server_environment,
+)
 from broadcaster.stress.worker import main, raise_file_limit
 
 if TYPE_CHECKING:
@@ -61,6 +69,9 @@ STOP_SECONDS = 30.0
 LEFTOVER_SECONDS = 5.0
 # A message's data holds its counter and a 19-digit timestamp.
 MIN_SIZE = 32
+# The server's default BROADCASTER_MAX_MESSAGE_BYTES, assumed for a server given with --url.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
+MAX_MESSAGE_VARIABLE = "BROADCASTER_MAX_MESSAGE_BYTES"
 
 
 class StressError(Exception):
@@ -73,16 +84,24 @@ class Scenario:
 
     Args:
         url: ``ws://host:port`` of a running server; ``None`` spawns one.
+        other_urls: further running nodes sharing a backplane with ``url``'s: receivers are
+            spread over every node, reconnecting clients move to the next node at each
+            reconnect, and the publisher sends to each node in turn.
         publish_url: ``ws://host:port`` of another node sharing a backplane with ``url``'s,
             for the publisher, so that every message crosses the broker; ``None`` publishes to
             the receivers' server.
         server_env: ``BROADCASTER_*`` variables for a spawned server.
+        admin_token: the server's ``BROADCASTER_ADMIN_TOKEN``, for ``GET /topics``; a spawned
+            server's own when ``None``. A server on this machine answers without one.
         server_command: the Python arguments that start a spawned server; whatever it runs
             must log ``server_starting`` with its ``port`` as a JSON line on stderr, as
             ``broadcaster serve`` does (the benchmarks' baseline server does too).
         mode: receivers on raw ``/ws/{topic}`` or multiplexed ``/ws``.
         via: the publisher's WebSocket (in ``mode``) or ``POST /publish/{topic}``.
-        fast, slow, stalled, churn: clients of each kind, spread over the topics in turn.
+        fast, slow, stalled, churn, reconnect: clients of each kind, spread over the topics in
+            turn.
+        reconnect_every: the shortest and longest a reconnecting client stays connected
+            before it drops the connection (a TCP reset, no close frame) and resumes.
         slow_rate: messages a second a slow client reads.
         stall_for: seconds stalled clients stay stalled; ``None`` until publishing ends.
         churn_stay: the longest a churn session lasts.
@@ -103,8 +122,10 @@ class Scenario:
     """
 
     url: str | None = None
+    other_urls: tuple[str, ...] = ()
     publish_url: str | None = None
     server_env: Mapping[str, str] = field(default_factory=dict)
+    admin_token: str | None = None
     server_command: tuple[str, ...] = ("-m", "broadcaster", "serve", "--port", "0")
     mode: Mode = Mode.MUX
     via: Via = Via.WS
@@ -112,6 +133,8 @@ class Scenario:
     slow: int = 0
     stalled: int = 0
     churn: int = 0
+    reconnect: int = 0
+    reconnect_every: tuple[float, float] = (0.5, 2.0)
     slow_rate: float = 50.0
     stall_for: float | None = None
     churn_stay: float = 0.5
@@ -135,15 +158,55 @@ class Scenario:
             Kind.SLOW: self.slow,
             Kind.STALLED: self.stalled,
             Kind.CHURN: self.churn,
+            Kind.RECONNECT: self.reconnect,
         }
+
+    def urls(self) -> tuple[str, ...]:
+        """Every running node given; empty for a spawned server."""
+        return (self.url, *self.other_urls) if self.url is not None else ()
+
+    def message_limit(self) -> int:
+        """The largest publish the server accepts: ``BROADCASTER_MAX_MESSAGE_BYTES`` of a
+        spawned server, the server's default for one given with ``url``."""
+        if self.url is not None:
+            return DEFAULT_MAX_MESSAGE_BYTES
+        value = server_environment(self.server_env).get(MAX_MESSAGE_VARIABLE, "")
+        return int(value) if value.isdigit() else DEFAULT_MAX_MESSAGE_BYTES
+
+    def publish_bytes(self) -> int:
+        """The size of the publisher's largest message as the server counts it: the data,
+        inside a publish frame on the multiplexed endpoint."""
+        if self.via is Via.HTTP or self.mode is Mode.RAW:
+            return self.size
+        topic = f"stress-{'0' * 6}-{max(self.topics - 1, 0)}"
+        return len(f'{{"op":"publish","topic":"{topic}","data":""}}') + self.size
 
     def problems(self) -> list[str]:
         """Say what is wrong with these settings; an empty list when nothing is."""
         problems = [f"--{kind} must be 0 or more" for kind, n in self.counts().items() if n < 0]
         if sum(self.counts().values()) <= 0:
-            problems.append("at least one client is needed (--fast, --slow, --stalled, --churn)")
-        if self.url is not None and not self.url.startswith(("ws://", "wss://")):
-            problems.append(f"--url must start with ws:// or wss://, not {self.url!r}")
+            problems.append(
+                "at least one client is needed (--fast, --slow, --stalled, --churn, --reconnecting)"
+            )
+        problems += [
+            f"--url must start with ws:// or wss://, not {url!r}"
+            for url in self.urls()
+            if not url.startswith(("ws://", "wss://"))
+        ]
+        if self.other_urls and self.url is None:
+            problems.append("further nodes need --url for the first one")
+        if self.mode is Mode.RAW and (self.other_urls or self.reconnect):
+            problems.append("--url more than once and --reconnecting need --mode mux")
+        low, high = self.reconnect_every
+        if not 0 < low <= high:
+            problems.append("--reconnect-every is MIN,MAX seconds with 0 < MIN <= MAX")
+        if self.size >= MIN_SIZE and self.publish_bytes() > self.message_limit():
+            problems.append(
+                f"--size {self.size}: a message is {self.publish_bytes()} bytes once enveloped "
+                f"for publishing, over the server's {MAX_MESSAGE_VARIABLE} "
+                f"({self.message_limit()}"
+                + (", its default, assumed for --url)" if self.url is not None else ")")
+            )
         if self.publish_url is not None and not self.publish_url.startswith(("ws://", "wss://")):
             problems.append(f"the publisher's URL must start with ws://, not {self.publish_url!r}")
         if self.url is not None and self.server_env:
@@ -219,7 +282,10 @@ def run_scenario(
     raise_file_limit(sum(scenario.counts().values()) + scenario.topics)
     if scenario.url is not None:
         runner = _Runner(scenario, scenario.url.rstrip("/"), None, on_progress)
-        runner.run()
+        try:
+            runner.run()
+        except RegistryRefused as error:
+            raise StressError(str(error)) from None
         return summarise(runner.outcome())
     server = SpawnedServer(scenario.server_env, scenario.server_command)
     try:
@@ -229,7 +295,7 @@ def run_scenario(
             pin(server.pid, scenario.server_cpus)
         runner = _Runner(scenario, url, server, on_progress)
         runner.run()
-    except ServerFailed as error:
+    except (ServerFailed, RegistryRefused) as error:
         raise StressError(str(error)) from None
     finally:
         server.stop(STOP_SECONDS)
@@ -248,6 +314,9 @@ class _Runner:
     ) -> None:
         self.scenario = scenario
         self.base_url = base_url
+        self.admin_token = scenario.admin_token or scenario.server_env.get(
+            "BROADCASTER_ADMIN_TOKEN"
+        )
         self.server = server
         self.on_progress = on_progress
         # Unique per run, not drawn from the seed: a topic that an earlier run left on a
@@ -365,7 +434,11 @@ class _Runner:
             scenario.drain + PHASE_SLACK_SECONDS,
             "while clients drained",
         )
-        self.leftover = leftover(self.base_url, self.topics, LEFTOVER_SECONDS)
+        left = [
+            leftover(url.rstrip("/"), self.topics, LEFTOVER_SECONDS, self.admin_token)
+            for url in (self.base_url, *self.scenario.other_urls)
+        ]
+        self.leftover = None if None in left else sum(n for n in left if n is not None)
 
     def _plans(self) -> list[WorkerPlan]:
         scenario, topics = self.scenario, self.topics
@@ -375,8 +448,10 @@ class _Runner:
             for i in range(count)
         ]
         shares = [tuple(specs[i :: scenario.procs]) for i in range(scenario.procs)]
+        nodes = () if scenario.publish_url else tuple(u.rstrip("/") for u in scenario.other_urls)
         publisher = PublisherPlan(
             base_url=(scenario.publish_url or self.base_url).rstrip("/"),
+            other_urls=nodes,
             mode=scenario.mode,
             via=scenario.via,
             topics=topics,
@@ -406,6 +481,8 @@ class _Runner:
                 connect_timeout=scenario.connect_timeout,
                 progress_seconds=TICK_SECONDS,
                 source_addresses=scenario.source_addresses,
+                other_urls=tuple(url.rstrip("/") for url in scenario.other_urls),
+                reconnect_every=scenario.reconnect_every,
             )
             for index, (share, plan) in enumerate(groups)
         ]
@@ -502,4 +579,4 @@ class _Runner:
             assert handle.ready is not None
             for topic, count in handle.ready.subscribed.items():
                 wanted[topic] = wanted.get(topic, 0) + count
-        return wait_listed(self.base_url, wanted, CONNECT_SECONDS)
+        return wait_listed(self.base_url, wanted, CONNECT_SECONDS, self.admin_token)
