@@ -268,4 +268,4 @@ def test_cli_without_the_extra_says_what_to_install(monkeypatch: pytest.MonkeyPa
         monkeypatch.delitem(sys.modules, name)
     result = CliRunner().invoke(cli, ["stress", "--spawn"])
     assert result.exit_code == 2
-    assert "install broadcaster[stress]" in result.output
+    assert "install broadcaster-ws[stress]" in result.output
