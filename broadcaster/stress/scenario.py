@@ -82,7 +82,12 @@ class Scenario:
             ``broadcaster serve`` does (the benchmarks' baseline server does too).
         mode: receivers on raw ``/ws/{topic}`` or multiplexed ``/ws``.
         via: the publisher's WebSocket (in ``mode``) or ``POST /publish/{topic}``.
-        fast, slow, stalled, churn: clients of each kind, spread over the topics in turn.
+        fast: clients that read everything, spread over the topics in turn (as are the
+            other kinds).
+        slow: clients that read ``slow_rate`` messages a second.
+        stalled: clients that stop reading.
+        churn: clients that connect, stay up to ``churn_stay`` seconds and leave, again and
+            again.
         slow_rate: messages a second a slow client reads.
         stall_for: seconds stalled clients stay stalled; ``None`` until publishing ends.
         churn_stay: the longest a churn session lasts.
