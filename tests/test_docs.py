@@ -153,3 +153,14 @@ def test_settings_page_lists_every_setting_with_its_default() -> None:
         if default_cell(name) not in (None, cell)
     }
     assert not wrong
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """The quick start has two commands: the first installs no extra and serves, the second
+    installs everything and runs the tests, exactly as ``.ci/run`` does."""
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    serve, test = [source.strip() for _, source in FENCE.findall(quick_start)]
+    assert serve.endswith("pip install -q -e . && .venv/bin/broadcaster serve")
+    assert test.endswith("pip install -q -e '.[dev]' && .venv/bin/python -m pytest")
+    assert test in (ROOT / ".ci" / "run").read_text().splitlines()
