@@ -11,9 +11,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import httpx
 import pytest
 
 from broadcaster.settings import ENV_PREFIX, Settings
+from tests.support import client, receive_json, serving, subscribe
 
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -164,3 +166,36 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert serve.endswith("pip install -q -e . && .venv/bin/broadcaster serve")
     assert test.endswith("pip install -q -e '.[dev]' && .venv/bin/python -m pytest")
     assert test in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+# What the extras install (and uvicorn's `standard` extra beyond httptools and uvloop): the
+# quick start's serve command installs none of it.
+NOT_INSTALLED_BY_SERVE = (
+    "hypothesis",
+    "matplotlib",
+    "mkdocs",
+    "mkdocstrings",
+    "nats",
+    "picows",
+    "psutil",
+    "redis",
+    "watchfiles",
+    "websockets",
+    "yaml",
+)
+
+
+async def test_serving_needs_no_extra(tmp_path: Path) -> None:
+    """``broadcaster serve`` starts, takes a publish and delivers it with every extra's
+    modules made unimportable, as after the quick start's ``pip install -e .``."""
+    blocked = ", ".join(repr(name) for name in NOT_INSTALLED_BY_SERVE)
+    (tmp_path / "sitecustomize.py").write_text(
+        f"import sys\nsys.modules.update(dict.fromkeys(({blocked}), None))\n"
+    )
+    with serving({"PYTHONPATH": str(tmp_path)}) as (_, port):
+        async with client(f"ws://127.0.0.1:{port}/ws") as connection:
+            await subscribe(connection, "news")
+            async with httpx.AsyncClient(trust_env=False) as http:
+                response = await http.post(f"http://127.0.0.1:{port}/publish/news", content="hi")
+            assert response.status_code == 200
+            assert await receive_json(connection) == {"topic": "news", "seq": 1, "data": "hi"}
