@@ -17,6 +17,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
 NGINX = shutil.which("nginx", path="/usr/sbin:/usr/local/sbin:/usr/bin") or ""
-pytestmark = pytest.mark.skipif(
+needs_nginx = pytest.mark.skipif(
     not NGINX, reason="nginx is not installed: apt-get install -y nginx"
 )
 
@@ -218,6 +219,7 @@ async def publish(proxy: Proxied, topic: str, data: object) -> dict[str, Any]:
     return receipt
 
 
+@needs_nginx
 async def test_subscribe_and_publish_through_nginx(tmp_path: Path) -> None:
     """A WebSocket subscribes over wss:// and gets what is published over https://."""
     async with proxied(tmp_path, {}) as proxy, through(proxy, "/ws") as connection:
@@ -231,6 +233,7 @@ async def test_subscribe_and_publish_through_nginx(tmp_path: Path) -> None:
         }
 
 
+@needs_nginx
 async def test_raw_mode_publish_through_nginx(tmp_path: Path) -> None:
     """A frame sent on a raw-mode socket (``/ws/{topic}``) through nginx reaches a
     multiplexed subscriber of that topic."""
@@ -244,6 +247,7 @@ async def test_raw_mode_publish_through_nginx(tmp_path: Path) -> None:
         assert await receive_json(receiver) == {"topic": "chat", "seq": 1, "data": "hello"}
 
 
+@needs_nginx
 async def test_client_address_reaches_limits_and_logs(tmp_path: Path) -> None:
     """Each client's own address, forwarded by nginx, is what the handshake limit counts and
     the logs show; an X-Forwarded-For header the client sends does not change it."""
@@ -283,6 +287,7 @@ async def idle(seconds: float) -> None:
     await anyio.sleep(seconds)
 
 
+@needs_nginx
 async def test_idle_connection_outlives_the_proxy_timeout(tmp_path: Path) -> None:
     """A subscriber that sends nothing for three of nginx's read timeouts is still connected,
     since the server's pings keep the proxied connection busy, and gets the next message."""
@@ -297,6 +302,7 @@ async def test_idle_connection_outlives_the_proxy_timeout(tmp_path: Path) -> Non
         assert await receive_json(connection) == {"topic": "quiet", "seq": 1, "data": "still here"}
 
 
+@needs_nginx
 async def test_without_pings_the_proxy_closes_an_idle_connection(tmp_path: Path) -> None:
     """With the server's pings further apart than nginx's read timeout, nginx drops an idle
     subscriber after that timeout: the timeout the test above outlives is real."""
@@ -312,3 +318,25 @@ async def test_without_pings_the_proxy_closes_an_idle_connection(tmp_path: Path)
         assert anyio.current_time() - started >= SHORT_READ_TIMEOUT - 0.5
         # nginx closed the TCP connection without a close frame (1006 on the client side).
         assert connection.close_code == CloseCode.ABNORMAL_CLOSURE
+
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or ""
+
+
+@pytest.mark.skipif(
+    not SYSTEMD_ANALYZE, reason="systemd-analyze is not installed: apt-get install -y systemd"
+)
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    """The page's systemd unit passes ``systemd-analyze verify``, with its ``ExecStart``
+    pointed at this virtualenv's ``broadcaster``."""
+    units = re.findall(r"^```ini\n(.*?)^```$", PAGE.read_text(), re.MULTILINE | re.DOTALL)
+    assert len(units) == 1
+    executable = Path(sys.executable).parent / "broadcaster"
+    unit = tmp_path / "broadcaster.service"
+    unit.write_text(
+        substitute(units[0], {"/opt/broadcaster/.venv/bin/broadcaster": str(executable)})
+    )
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
