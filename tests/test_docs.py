@@ -199,3 +199,15 @@ async def test_serving_needs_no_extra(tmp_path: Path) -> None:
                 response = await http.post(f"http://127.0.0.1:{port}/publish/news", content="hi")
             assert response.status_code == 200
             assert await receive_json(connection) == {"topic": "news", "seq": 1, "data": "hi"}
+
+
+def test_extras_are_named_by_the_distribution() -> None:
+    """Every extra the pages name is an extra of ``broadcaster-ws``: ``broadcaster[...]``
+    would install encode/broadcaster."""
+    texts = [*PAGES, ROOT / "examples" / "README.md", *(ROOT / "broadcaster").rglob("*.py")]
+    wrong = [
+        str(path.relative_to(ROOT))
+        for path in texts
+        if re.search(r"(?<![\w-])broadcaster\[", path.read_text())
+    ]
+    assert not wrong
