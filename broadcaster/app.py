@@ -6,24 +6,27 @@ routes that reach it, so it can be mounted into an existing app as well as serve
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, WebSocket
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.requests import HTTPConnection
+from starlette.routing import Route
 from starlette.websockets import WebSocketDisconnect
 
 from broadcaster.auth import Authenticator, Grant, origin_allowed
 from broadcaster.backplane import NODE_ID_BYTES, open_backplane
 from broadcaster.backplane.bridge import Bridge
 from broadcaster.connection import Connection
+from broadcaster.dashboard import check_admin, page, slowest, snapshot, stream
 from broadcaster.errors import (
     RETRY,
     BackplaneDown,
@@ -32,9 +35,10 @@ from broadcaster.errors import (
     ProtocolError,
     Refused,
 )
+from broadcaster.http_gate import flooding
 from broadcaster.hub import Hub
 from broadcaster.log import get_logger
-from broadcaster.mailbox import Source, Subscriber
+from broadcaster.mailbox import Source
 from broadcaster.metrics import CONTENT_TYPE_LATEST, Metrics
 from broadcaster.policy import AddressLimiter, PenaltyBox
 from broadcaster.protocol import (
@@ -46,17 +50,22 @@ from broadcaster.protocol import (
 )
 from broadcaster.publishing import HTTPPublish
 from broadcaster.settings import MEMORY, Settings
+from broadcaster.sse import EventStream, resume_point
 from broadcaster.stream import History
 from broadcaster.writer import FASTLANE, Writer
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+    from starlette.datastructures import Address
     from starlette.types import Receive, Scope, Send
 
-    from broadcaster.outbox import OutboxStatistics
+    from broadcaster.connection import Socket
     from broadcaster.protocol import Frame
     from broadcaster.writer import Lane
+
+# The browser client, its type declarations and the page at /.
+STATIC = Path(__file__).parent / "static"
 
 
 class _StarletteSocket:
@@ -154,6 +163,7 @@ class Broadcaster:
         self.writer = Writer(settings.send_timeout)
         self.draining = False
         self._drain_asked = anyio.Event()
+        self._drained = anyio.Event()
         self._on_drained: Callable[[], None] = lambda: None
         self._on_hub_failure = on_hub_failure
         self._log = get_logger("broadcaster.connection")
@@ -164,15 +174,19 @@ class Broadcaster:
         self.publishing = HTTPPublish(
             self.hub, self._auth, settings.max_message_bytes, self.count_refusal
         )
-        # Addresses whose connection was closed for flooding, refused for FLOOD_PENALTY.
-        self._penalties = PenaltyBox(settings.flood_penalty, settings.handshake_addresses)
-        # WebSocket connections admitted and not yet ended, for BROADCASTER_MAX_CONNECTIONS.
+        # Addresses whose connection was closed for flooding, refused for FLOOD_PENALTY: by
+        # the server's HTTP gate as they connect, and here for servers without one.
+        self.penalties = PenaltyBox(settings.flood_penalty, settings.handshake_addresses)
+        # WebSocket and SSE connections admitted and not yet ended, for
+        # BROADCASTER_MAX_CONNECTIONS.
         self._open = 0
+        # Open SSE streams, to end when a drain has flushed them.
+        self._streams: set[EventStream] = set()
         self.router = self._routes()
 
     @property
     def connections(self) -> int:
-        """WebSocket connections admitted and not yet ended."""
+        """WebSocket and SSE connections admitted and not yet ended."""
         return self._open
 
     @asynccontextmanager
@@ -210,6 +224,11 @@ class Broadcaster:
                 await subscriber.outbox.wait_empty()
         left = sum(s.outbox.statistics().queued_messages for s in self.hub.subscribers())
         log.info("drain_finished", timed_out=deadline.cancelled_caught, messages_left=left)
+        # The server closes WebSockets with 1001 as it stops; an HTTP response it would wait
+        # for instead, so SSE streams end here.
+        for events in self._streams:
+            events.stop()
+        self._drained.set()
         self._on_drained()
 
     async def publish(self, topic: str, data: Any) -> None:
@@ -245,16 +264,57 @@ class Broadcaster:
             last = self._raw_last(websocket, topic)
         except Refused as refused:
             self.count_refusal(refused, peer)
-            body = {"error": refused.error, "detail": refused.detail}
-            response = JSONResponse(body, refused.status, headers=refused.headers)
-            await websocket.send_denial_response(response)
+            await websocket.send_denial_response(_refusal(refused))
             return
+        socket = _StarletteSocket(websocket)
+        await self._connect(socket, websocket.accept, topic, grant, last, websocket.client)
+
+    async def serve_events(self, scope: Scope, receive: Receive, send: Send, topic: str) -> None:
+        """Serve one ``GET /sse/{topic}``: refuse it, or stream the topic as Server-Sent
+        Events until the client goes (see :mod:`broadcaster.sse`)."""
+        request = HTTPConnection(scope, receive)
+        peer = f"{request.client.host}:{request.client.port}" if request.client else None
+        try:
+            grant = self._admit(request, topic)
+            try:
+                since, last = resume_point(request.headers, request.query_params)
+            except ProtocolError as error:
+                raise Refused(400, error.error, error.detail) from None
+        except Refused as refused:
+            self.count_refusal(refused, peer)
+            await _refusal(refused)(scope, receive, send)
+            return
+        events = EventStream(
+            receive,
+            send,
+            topic,
+            since=since,
+            last=last,
+            ping_interval=self.settings.ping_interval,
+        )
+        self._streams.add(events)
+        try:
+            await self._connect(events, events.start, None, grant, None, request.client)
+            await events.finish()
+        finally:
+            self._streams.discard(events)
+
+    async def _connect(
+        self,
+        socket: Socket,
+        accept: Callable[[], Awaitable[None]],
+        topic: str | None,
+        grant: Grant,
+        last: int | None,
+        client: Address | None,
+    ) -> None:
+        """Accept an admitted connection and run it until it ends."""
+        peer = f"{client.host}:{client.port}" if client else None
         conn_id = uuid.uuid4().hex[:12]
         log = self._log.bind(conn_id=conn_id, peer=peer)
-        socket = _StarletteSocket(websocket)
         self._open += 1
         try:
-            await websocket.accept()
+            await accept()
             closing = await Connection(
                 socket,
                 self.hub,
@@ -270,10 +330,20 @@ class Broadcaster:
             ).run()
         finally:
             self._open -= 1
-        if isinstance(closing, Flooding) and websocket.client is not None:
-            self._penalties.punish(websocket.client.host, time.monotonic())
+        if isinstance(closing, Flooding) and client is not None:
+            self.penalties.punish(client.host, time.monotonic())
 
-    def _admit(self, websocket: WebSocket, topic: str | None) -> Grant:
+    def _admin(self, request: HTTPConnection) -> Response | None:
+        """The refusal of a request for an operators' view, ``None`` to serve it."""
+        host = request.client.host if request.client else ""
+        try:
+            check_admin(self.settings.admin_token, request.headers, request.query_params, host)
+        except Refused as refused:
+            self.count_refusal(refused, f"{host}:{request.client.port}" if request.client else None)
+            return _refusal(refused)
+        return None
+
+    def _admit(self, connection: HTTPConnection, topic: str | None) -> Grant:
         """Decide, before accepting, whether a handshake may open a connection.
 
         The cheap checks come first, so that a flood costs as little as possible.
@@ -286,13 +356,12 @@ class Broadcaster:
         """
         if self.draining:
             raise Refused(503, "draining", "the server is shutting down")
-        address, now = websocket.client.host if websocket.client else "", time.monotonic()
-        if self._penalties.refuses(address, now):
-            retry = {"Retry-After": str(math.ceil(self.settings.flood_penalty))}
-            raise Refused(429, "flooding", "this address sent faster than it may", retry)
+        address, now = connection.client.host if connection.client else "", time.monotonic()
+        if self.penalties.refuses(address, now):
+            raise flooding(self.penalties.seconds)
         if not self._handshakes.allow(address, now):
             raise Refused(429, "rate_limited", "too many handshakes; retry shortly", RETRY)
-        if not origin_allowed(websocket.headers.get("origin"), self.settings.allowed_origins):
+        if not origin_allowed(connection.headers.get("origin"), self.settings.allowed_origins):
             raise Refused(403, "origin_not_allowed", "pages of this origin may not connect")
         if self._open >= self.settings.max_connections:
             raise Refused(503, "too_many_connections", "the server is full; retry later", RETRY)
@@ -301,7 +370,7 @@ class Broadcaster:
                 validate_topic(topic)
             except ProtocolError as error:
                 raise Refused(400, error.error, error.detail) from None
-        grant = self._auth.handshake(websocket.headers, websocket.query_params)
+        grant = self._auth.handshake(connection.headers, connection.query_params)
         if topic is not None and not grant.subscribe.matches(topic):
             raise Refused(403, "forbidden_topic", "the token does not allow this topic")
         return grant
@@ -420,40 +489,89 @@ class Broadcaster:
             return JSONResponse({"status": "ready"})
 
         @router.get("/topics")
-        async def topics() -> dict[str, int]:
-            return dict(self.hub.statistics().topics)
+        async def topics(request: Request) -> Response:
+            """Each topic's subscriber count; needs the admin token."""
+            return self._admin(request) or JSONResponse(dict(self.hub.statistics().topics))
 
         @router.get("/metrics")
         async def metrics() -> Response:
             return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+        client_js = (STATIC / "client.js").read_bytes()
+        client_types = (STATIC / "client.d.ts").read_bytes()
+
+        @router.get("/client.js", include_in_schema=False)
+        async def client() -> Response:
+            # Deno and other runtimes that load modules by URL find the types in this header.
+            types = {"X-TypeScript-Types": "./client.d.ts"}
+            return Response(client_js, media_type="text/javascript", headers=types)
+
+        @router.get("/client.d.ts", include_in_schema=False)
+        async def client_declarations() -> Response:
+            return Response(client_types, media_type="application/typescript; charset=utf-8")
+
+        if self.settings.demo:
+            index_html = (STATIC / "index.html").read_bytes()
+
+            @router.get("/", include_in_schema=False)
+            async def index() -> Response:
+                return HTMLResponse(index_html)
+
         @router.get("/connections")
         async def connections(
-            limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-        ) -> list[dict[str, Any]]:
-            """The connections holding the most queued bytes: who is slow right now."""
-            now = time.monotonic()
-            rows = [_describe(s, s.outbox.statistics(), now) for s in self.hub.subscribers()]
-            rows.sort(key=lambda row: row["queued_bytes"], reverse=True)
-            return rows[:limit]
+            request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 20
+        ) -> Response:
+            """The connections holding the most queued bytes: who is slow right now; needs the
+            admin token."""
+            return self._admin(request) or JSONResponse(slowest(self.hub, limit))
 
+        @router.get("/dashboard")
+        async def dashboard(request: Request) -> Response:
+            """The live dashboard page; needs the admin token (``?token=`` in a browser)."""
+            refusal = self._admin(request)
+            return refusal or Response(page("dashboard.html"), media_type="text/html")
+
+        @router.get("/dashboard.js")
+        async def dashboard_script() -> Response:
+            """The dashboard page's script; it holds no data."""
+            return Response(page("dashboard.js"), media_type="text/javascript")
+
+        async def dashboard_events(scope: Scope, receive: Receive, send: Send) -> None:
+            refusal = self._admin(HTTPConnection(scope, receive))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+            make = partial(snapshot, self.metrics.registry, self.hub, self.bridge)
+            await stream(receive, send, make, self.settings.send_timeout, self._drained)
+
+        async def events(scope: Scope, receive: Receive, send: Send) -> None:
+            await self.serve_events(scope, receive, send, scope["path_params"]["topic"])
+
+        # Plain ASGI endpoints: each streams for as long as its client stays.
+        router.routes.append(
+            Route("/dashboard/events", _Endpoint(dashboard_events), methods=["GET"])
+        )
+        router.routes.append(Route("/sse/{topic}", _Endpoint(events), methods=["GET"]))
         return router
 
 
-def _describe(subscriber: Subscriber, stats: OutboxStatistics, now: float) -> dict[str, Any]:
-    oldest = None if stats.oldest_born is None else round(now - stats.oldest_born, 3)
-    return {
-        "conn_id": subscriber.conn_id,
-        "peer": subscriber.peer,
-        "mode": subscriber.mode.value,
-        "subscriptions": len(subscriber.topics),
-        "queued_messages": stats.queued_messages,
-        "queued_bytes": stats.queued_bytes,
-        "oldest_queued_seconds": oldest,
-        "dropped": stats.dropped,
-        "sent": stats.sent,
-        "connected_seconds": round(now - subscriber.opened_at, 3),
-    }
+class _Endpoint:
+    """An ASGI callable that Starlette's router serves as it is, rather than as a function
+    taking a request."""
+
+    __slots__ = ("_serve",)
+
+    def __init__(self, serve: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self._serve = serve
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._serve(scope, receive, send)
+
+
+def _refusal(refused: Refused) -> JSONResponse:
+    """The JSON answer to a refused request."""
+    body = {"error": refused.error, "detail": refused.detail}
+    return JSONResponse(body, refused.status, headers=refused.headers)
 
 
 def create_app(
@@ -491,8 +609,8 @@ UPGRADE_REQUIRED = JSONResponse(
 
 
 class _App(FastAPI):
-    """FastAPI, with the broadcaster's WebSocket upgrades and HTTP publishes served before its
-    middleware and router.
+    """FastAPI, with the broadcaster's WebSocket upgrades, HTTP publishes and event streams
+    served before its middleware and router.
 
     Each handshake and publish would otherwise pass through a dozen ASGI layers, and each
     connection keep their coroutines for its whole life; the routes stay in the router (and
@@ -511,6 +629,10 @@ class _App(FastAPI):
             if scope["type"] == "http" and scope["method"] == "POST" and publish is not None:
                 response = await self._live.publishing.respond(publish, scope, receive)
                 await response(scope, receive, send)
+                return
+            events = _segment(path, "/sse/")
+            if scope["type"] == "http" and scope["method"] == "GET" and events is not None:
+                await self._live.serve_events(scope, receive, send, events)
                 return
             if scope["type"] == "websocket" and websocket:
                 topic = _segment(path, "/ws/")

@@ -23,13 +23,15 @@ from broadcaster.app import create_app
 from broadcaster.log import configure_logging
 from broadcaster.protocol import Mode
 from broadcaster.server import run
-from broadcaster.settings import Settings, describe_errors
+from broadcaster.settings import ENV_PREFIX, Settings, describe_errors
 from broadcaster.workers import supervise
 
 cli = typer.Typer(
     help="WebSocket fan-out server where one slow client never stalls the others.",
     no_args_is_help=True,
     add_completion=False,
+    # Help texts are plain: "[env: ...]" and the settings' defaults are text, not markup.
+    rich_markup_mode=None,
 )
 
 
@@ -52,17 +54,34 @@ def _root() -> None:
     """WebSocket fan-out server where one slow client never stalls the others."""
 
 
-@cli.command()
+def _default(name: str) -> str:
+    return str(Settings.model_fields[name].default)
+
+
+def _settings_epilog() -> str:
+    """Every ``BROADCASTER_*`` variable with its default, for ``serve --help``."""
+    lines = ["Settings, from the environment (default in brackets):"]
+    for name, field in Settings.model_fields.items():
+        default = "unset" if field.default in (None, (), []) else field.default
+        lines.append(f"{ENV_PREFIX}{name.upper()} [{default}]: {field.description}")
+    return "\n\n".join(lines)
+
+
+@cli.command(epilog=_settings_epilog())
 def serve(
     host: Annotated[
-        str | None, typer.Option(help="Address to bind [env: BROADCASTER_HOST].")
+        str | None,
+        typer.Option(help=f"Address to bind [env: BROADCASTER_HOST; default: {_default('host')}]."),
     ] = None,
-    port: Annotated[int | None, typer.Option(help="Port to bind [env: BROADCASTER_PORT].")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help=f"Port to bind [env: BROADCASTER_PORT; default: {_default('port')}]."),
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
             help="Worker processes on the port; more than 1 needs a shared "
-            "BROADCASTER_BACKPLANE [env: BROADCASTER_WORKERS]."
+            f"BROADCASTER_BACKPLANE [env: BROADCASTER_WORKERS; default: {_default('workers')}].",
         ),
     ] = None,
     listen_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
@@ -97,15 +116,21 @@ class Publisher(StrEnum):
 
 
 # The stress extra's modules: a missing one is a missing extra, not a bug.
-STRESS_EXTRA = frozenset({"picows", "psutil", "rich", "matplotlib"})
-# Columns of the report when the output is not a terminal.
-REPORT_WIDTH = 150
+STRESS_EXTRA = frozenset({"picows", "psutil", "rich", "matplotlib", "websockets"})
+# Columns of the report when the output is not a terminal: wide enough that no table or line
+# of it wraps in a log file; tables take only the width they need.
+REPORT_WIDTH = 1000
 
 
 @cli.command()
 def stress(
     url: Annotated[
-        str | None, typer.Option(help="Drive the running server at ws://HOST:PORT.")
+        list[str] | None,
+        typer.Option(
+            help="Drive the running server at ws://HOST:PORT; repeat it for nodes that share a "
+            "backplane (clients are spread over them, reconnects move to the next, the "
+            "publisher sends to each in turn)."
+        ),
     ] = None,
     spawn: Annotated[
         bool, typer.Option("--spawn", help="Start a server for the run and measure it.")
@@ -122,6 +147,18 @@ def stress(
     slow: Annotated[int, typer.Option(help="Clients that read --slow-rate msg/s.")] = 0,
     stalled: Annotated[int, typer.Option(help="Clients that subscribe, then stop reading.")] = 0,
     churn: Annotated[int, typer.Option(help="Clients that come and go abruptly.")] = 0,
+    reconnecting: Annotated[
+        int,
+        typer.Option(
+            help="Clients that drop their connection abruptly now and then and resume with since."
+        ),
+    ] = 0,
+    reconnect_every: Annotated[
+        str,
+        typer.Option(
+            metavar="MIN,MAX", help="Seconds a reconnecting client stays connected, at random."
+        ),
+    ] = "0.5,2",
     slow_rate: Annotated[float, typer.Option(help="Messages a second a slow client reads.")] = 50,
     stall_for: Annotated[
         float | None,
@@ -171,13 +208,36 @@ def stress(
         int | None,
         typer.Option(help="Fail if the spawned server logs more lines at error level."),
     ] = None,
+    max_lost: Annotated[
+        int | None, typer.Option(help="Fail if reconnecting clients missed more messages.")
+    ] = None,
+    max_duplicates: Annotated[
+        int | None, typer.Option(help="Fail if reconnecting clients got more messages twice.")
+    ] = None,
+    max_out_of_order: Annotated[
+        int | None, typer.Option(help="Fail if reconnecting clients got more out of order.")
+    ] = None,
+    require_recovered: Annotated[
+        bool,
+        typer.Option(
+            "--require-recovered",
+            help="Fail unless every resume said recovered: true and every reconnecting client "
+            "of a topic saw one identical sequence.",
+        ),
+    ] = False,
 ) -> None:
     """Load a server with fake clients and report what they saw.
 
-    Exit status 0: every threshold met; 1: one missed; 2: bad arguments or a failed run.
+    Exit status 0: every threshold met (or none given); 1: one missed; 2: bad arguments or a
+    failed run (the publisher was cut off, or nothing was delivered).
     """
-    if spawn == (url is not None):
+    if spawn == bool(url):
         _stress_usage("give either --url or --spawn")
+    low, _, high = reconnect_every.partition(",")
+    try:
+        every = (float(low), float(high))
+    except ValueError:
+        _stress_usage(f"--reconnect-every takes MIN,MAX seconds, not {reconnect_every!r}")
     server_env = {}
     for item in env or []:
         key, equals, value = item.partition("=")
@@ -199,7 +259,8 @@ def stress(
     if publisher is Publisher.HTTP and importlib.util.find_spec("httpx") is None:
         _stress_usage("--publisher http needs httpx; install it with pip install httpx")
     scenario = tool.Scenario(
-        url=url,
+        url=url[0] if url else None,
+        other_urls=tuple(url[1:]) if url else (),
         server_env=server_env,
         mode=mode,
         via=tool.Via(publisher.value),
@@ -207,6 +268,8 @@ def stress(
         slow=slow,
         stalled=stalled,
         churn=churn,
+        reconnect=reconnecting,
+        reconnect_every=every,
         slow_rate=slow_rate,
         stall_for=stall_for,
         churn_stay=churn_stay,
@@ -225,6 +288,10 @@ def stress(
         max_rss_mib=max_rss_mib,
         require_stalled_closed=require_stalled_closed,
         max_server_errors=max_server_errors,
+        max_lost=max_lost,
+        max_duplicates=max_duplicates,
+        max_out_of_order=max_out_of_order,
+        require_recovered=require_recovered,
     )
     problems = scenario.problems() + thresholds.problems(scenario)
     for problem in problems:
@@ -247,7 +314,7 @@ def stress(
         typer.echo("broadcaster stress: interrupted", err=True)
         raise typer.Exit(130) from None
     violations = thresholds.violations(report)
-    print_report(report, violations, console)
+    print_report(report, violations, console, judged=thresholds.given())
     if json_out is not None:
         text = json.dumps(report.to_json(), indent=2)
         if json_out == "-":
@@ -256,7 +323,7 @@ def stress(
             Path(json_out).write_text(text + "\n")
     if plot is not None:
         draw(report, plot)
-    raise typer.Exit(1 if violations else 0)
+    raise typer.Exit(2 if report.failures() else 1 if violations else 0)
 
 
 def _stress_usage(message: str) -> NoReturn:

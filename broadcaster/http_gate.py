@@ -7,6 +7,8 @@ WebSocket, and counts its refusals through it.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +17,7 @@ from broadcaster.errors import RETRY, Refused
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from broadcaster.policy import PenaltyBox
     from broadcaster.settings import Settings
 
 
@@ -44,6 +47,12 @@ class HTTPLimits:
         )
 
 
+def flooding(penalty: float) -> Refused:
+    """The refusal an address closed for flooding gets until its penalty ends."""
+    retry = {"Retry-After": str(math.ceil(penalty))}
+    return Refused(429, "flooding", "this address sent faster than it may", retry)
+
+
 @dataclass(frozen=True, slots=True)
 class GateStatistics:
     """The HTTP connections a gate holds open: in all, and the addresses they come from."""
@@ -60,6 +69,10 @@ class HTTPGate:
         limits: the bounds every connection of the server gets.
         on_refused: called with each refusal and the peer (``host:port``) it went to; the
             server passes :meth:`broadcaster.app.Broadcaster.count_refusal`.
+        penalties: addresses closed for flooding (the app's
+            :attr:`broadcaster.app.Broadcaster.penalties`): their connections are refused as
+            they open, before a byte of their request is parsed, so that a flooder that
+            reconnects in a loop costs the server as little as it can.
 
     The table of addresses holds only addresses with a connection open, so it is bounded by
     ``limits.max_connections``.
@@ -69,9 +82,11 @@ class HTTPGate:
         self,
         limits: HTTPLimits,
         on_refused: Callable[[Refused, str | None], None] | None = None,
+        penalties: PenaltyBox | None = None,
     ) -> None:
         self.limits = limits
         self._on_refused = on_refused
+        self._penalties = penalties
         self._open = 0
         self._by_address: dict[str, int] = {}
 
@@ -80,6 +95,8 @@ class HTTPGate:
 
         The caller gives the slot back with :meth:`release`.
         """
+        if self._penalties is not None and self._penalties.refuses(address, time.monotonic()):
+            return flooding(self._penalties.seconds)
         if self._open >= self.limits.max_connections:
             return Refused(
                 503, "too_many_http_connections", "the server is full; retry later", RETRY

@@ -137,19 +137,19 @@ class PenaltyBox:
     """
 
     def __init__(self, seconds: float, max_addresses: int) -> None:
-        self._seconds = seconds
+        self.seconds = seconds
         self._max_addresses = max_addresses
         # Address to the end of its penalty; insertion order is the order penalties end.
         self._until: OrderedDict[str, float] = OrderedDict()
 
     def punish(self, address: str, now: float) -> None:
         """Refuse ``address`` from ``now`` for the penalty's length."""
-        if self._seconds <= 0:
+        if self.seconds <= 0:
             return
         self._until.pop(address, None)
         if len(self._until) >= self._max_addresses:
             self._until.popitem(last=False)
-        self._until[address] = now + self._seconds
+        self._until[address] = now + self.seconds
 
     def refuses(self, address: str, now: float) -> bool:
         """Whether ``address`` is serving a penalty at ``now``."""

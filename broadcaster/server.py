@@ -44,7 +44,9 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
     # counted with the app's other refusals.
     live = getattr(getattr(app, "state", None), "broadcaster", None)
     gate = HTTPGate(
-        HTTPLimits.from_settings(settings), live.count_refusal if live is not None else None
+        HTTPLimits.from_settings(settings),
+        live.count_refusal if live is not None else None,
+        live.penalties if live is not None else None,
     )
     return uvicorn.Config(
         app,
@@ -164,7 +166,11 @@ def run(
         supervisor,
     )
     logger.info(
-        "server_starting", host=settings.host, port=sock.getsockname()[1], open_files=open_files
+        "server_starting",
+        host=settings.host,
+        port=sock.getsockname()[1],
+        open_files=open_files,
+        settings=settings.effective(),
     )
     warn_if_unauthenticated(settings)
     for variable, closest in unknown_settings():

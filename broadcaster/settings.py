@@ -39,7 +39,7 @@ MIN_SECRET_LENGTH = 32
 # A publish token is compared in constant time, but a short one can still be guessed.
 MIN_TOKEN_LENGTH = 16
 # Settings whose values are secrets: errors name them but never echo what was given.
-SECRET_SETTINGS = frozenset({"publish_tokens", "jwt_secret", "jwt_public_key"})
+SECRET_SETTINGS = frozenset({"publish_tokens", "jwt_secret", "jwt_public_key", "admin_token"})
 
 
 def normal_origin(origin: str) -> str:
@@ -130,6 +130,11 @@ Secret = Annotated[
     AfterValidator(lambda secret: secret and _long_enough(MIN_SECRET_LENGTH)(secret)),
 ]
 PublicKey = Annotated[SecretStr | None, BeforeValidator(_read_key), AfterValidator(_valid_key)]
+Token = Annotated[
+    SecretStr | None,
+    BeforeValidator(_unset_when_empty),
+    AfterValidator(lambda token: token and _long_enough(MIN_TOKEN_LENGTH)(token)),
+]
 
 # The backplane URL schemes, and the client module (and extra of the same name) each needs.
 BACKPLANE_SCHEMES = {"redis": "redis", "rediss": "redis", "nats": "nats", "tls": "nats"}
@@ -227,6 +232,11 @@ class Settings(BaseSettings):
     client_publish: bool = Field(
         True, description="Whether WebSocket clients may publish at all (HTTP is not affected)."
     )
+    demo: bool = Field(
+        True,
+        description="Whether `/` serves the page with the endpoints and a live chat demo; "
+        "false makes `/` answer 404.",
+    )
     jwt_secret: Secret = Field(
         None, description="HS256 secret of the JWTs that WebSocket clients must present."
     )
@@ -234,6 +244,11 @@ class Settings(BaseSettings):
         None,
         description="PEM public key (the text, or a file's path) of RS256 or ES256 JWTs that "
         "WebSocket clients must present.",
+    )
+    admin_token: Token = Field(
+        None,
+        description="Bearer token for /connections, /topics and /dashboard, which show peer "
+        "addresses; unset lets only loopback clients see them.",
     )
     allowed_origins: Origins = Field(
         (),
@@ -438,6 +453,14 @@ class Settings(BaseSettings):
             return self.history_size
         return 0 if self._nats else DEFAULT_HISTORY_SIZE
 
+    def effective(self) -> dict[str, Any]:
+        """Every setting as the server applies it, with secrets masked: what an operator reads
+        at start to confirm that their limits took effect."""
+        values = self.model_dump(mode="json")
+        values["history_size"] = self.history_messages
+        values["backplane"] = without_password(self.backplane)
+        return values
+
     @property
     def _nats(self) -> bool:
         return self.backplane.startswith(("nats:", "tls:"))
@@ -451,6 +474,15 @@ class Settings(BaseSettings):
     def publish_open(self) -> bool:
         """Whether anyone may publish: no publish token and no JWT key is configured."""
         return not self.publish_tokens and self.subscribe_open
+
+
+def without_password(url: str) -> str:
+    """``url`` with the password in its user information, if any, masked."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    return parts._replace(netloc=f"{user}***@{parts.netloc.rpartition('@')[2]}").geturl()
 
 
 def describe_errors(error: ValidationError) -> list[str]:

@@ -10,6 +10,7 @@ import sys
 import time
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from unittest.mock import ANY
 
@@ -188,11 +189,15 @@ async def client(
 
 
 async def handshake_refusal(url: str, **options: Any) -> tuple[int, str | None, Headers]:
-    """Attempt a handshake that must be refused; return its status, error code and headers."""
+    """Attempt a handshake that must be refused; return its status, error code and headers.
+
+    Every refusal carries its status's standard reason phrase, which some clients show.
+    """
     with pytest.raises(InvalidStatus) as refused:
         async with client(url, **options):
             pass
     response = refused.value.response
+    assert response.reason_phrase == HTTPStatus(response.status_code).phrase
     return response.status_code, json.loads(response.body or b"{}").get("error"), response.headers
 
 
@@ -321,3 +326,36 @@ class RawClient:
     def _feed(self, data: bytes) -> list[object]:
         self.protocol.receive_data(data)
         return list(self.protocol.events())
+
+
+@dataclass
+class Event:
+    """One Server-Sent Event, or a comment (``event`` ``":"``, the text in ``data``)."""
+
+    event: str = "message"
+    data: str = ""
+    id: str | None = None
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[Event]:
+    """Parse a streamed ``text/event-stream`` response into events as they arrive."""
+    event = Event()
+    async for line in response.aiter_lines():
+        if not line:
+            if event.data or event.event != "message" or event.id is not None:
+                yield event
+            event = Event()
+        elif line.startswith(":"):
+            yield Event(":", line[1:].strip())
+        else:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                event.data = f"{event.data}\n{value}" if event.data else value
+            elif name == "event":
+                event.event = value
+            elif name == "id":
+                event.id = value

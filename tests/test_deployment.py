@@ -302,6 +302,33 @@ async def test_idle_connection_outlives_the_proxy_timeout(tmp_path: Path) -> Non
         assert await receive_json(connection) == {"topic": "quiet", "seq": 1, "data": "still here"}
 
 
+async def next_data(lines: AsyncIterator[str]) -> Any:
+    """Read an event stream up to its next ``data:`` line and decode it."""
+    with anyio.fail_after(10):
+        async for line in lines:
+            if line.startswith("data: "):
+                return json.loads(line.removeprefix("data: "))
+    raise AssertionError("the event stream ended")
+
+
+@needs_nginx
+async def test_idle_event_stream_outlives_the_proxy_timeout(tmp_path: Path) -> None:
+    """A Server-Sent Events stream through nginx stays open across three of its read timeouts,
+    kept busy by the server's keepalive comments, and delivers the next message."""
+    env = {"BROADCASTER_PING_INTERVAL": str(SHORT_PING_INTERVAL)}
+    async with (
+        proxied(tmp_path, env, read_timeout=f"{SHORT_READ_TIMEOUT:g}s") as proxy,
+        httpx.AsyncClient(base_url=proxy.https_url, verify=proxy.tls, trust_env=False) as http,
+        http.stream("GET", "/sse/quiet") as response,
+    ):
+        assert response.status_code == 200
+        lines = response.aiter_lines()
+        assert (await next_data(lines))["op"] == "subscribed"
+        await idle(3 * SHORT_READ_TIMEOUT)
+        await publish(proxy, "quiet", "still here")
+        assert await next_data(lines) == {"topic": "quiet", "seq": 1, "data": "still here"}
+
+
 @needs_nginx
 async def test_without_pings_the_proxy_closes_an_idle_connection(tmp_path: Path) -> None:
     """With the server's pings further apart than nginx's read timeout, nginx drops an idle

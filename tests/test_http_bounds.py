@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from structlog.testing import capture_logs
 from broadcaster.app import create_app
 from broadcaster.http_gate import GateStatistics, HTTPGate, HTTPLimits
 from broadcaster.http_protocol import BODY_RATE_GRACE, HTTPProtocol
+from broadcaster.policy import PenaltyBox
 from broadcaster.server import bind, uvicorn_config
 from broadcaster.settings import Settings
 from tests.support import PUBLISH_TOKEN, client, running_server, scrape, subscribe, wait_until
@@ -432,3 +434,20 @@ def test_limits_follow_the_settings() -> None:
         )
     )
     assert limits == HTTPLimits(1, 2048, 3, 4, 5, 6, 7)
+
+
+def test_the_gate_refuses_a_flooders_address_as_it_connects() -> None:
+    """An address serving a flood penalty is refused before its request is read; others are
+    not, and nothing is held for the refused connection."""
+    penalties = PenaltyBox(600, 10)
+    gate = HTTPGate(HTTPLimits(), penalties=penalties)
+    penalties.punish("flooder", time.monotonic())
+    refused = gate.admit("flooder")
+    assert refused is not None
+    assert (refused.status, refused.error, refused.headers) == (
+        429,
+        "flooding",
+        {"Retry-After": "600"},
+    )
+    assert gate.admit("other") is None
+    assert gate.statistics() == GateStatistics(1, 1)

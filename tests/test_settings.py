@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
+from broadcaster.cli import cli
 from broadcaster.policy import Overflow
 from broadcaster.settings import (
     ENV_PREFIX,
@@ -422,3 +425,32 @@ def test_unknown_variables_are_named_with_the_closest_setting() -> None:
         ("BROADCASTER_QUEU_MAX_MESSAGES", "BROADCASTER_QUEUE_MAX_MESSAGES"),
         ("BROADCASTER_ZZZ", None),
     ]
+
+
+def test_effective_settings_mask_every_secret() -> None:
+    """The startup line shows the limits as applied, and no token, key or broker password."""
+    settings = Settings(
+        publish_tokens="p" * 20,
+        jwt_secret="s" * 40,
+        backplane="redis://user:hunter2hunter2@127.0.0.1:6379/0",
+        queue_max_messages=5,
+    )
+    effective = settings.effective()
+    shown = json.dumps(effective)
+    assert "p" * 20 not in shown
+    assert "s" * 40 not in shown
+    assert "hunter2" not in shown
+    assert effective["backplane"] == "redis://user:***@127.0.0.1:6379/0"
+    assert effective["queue_max_messages"] == 5
+    assert effective["history_size"] == settings.history_messages
+    assert set(effective) == set(Settings.model_fields)
+
+
+def test_serve_help_lists_every_setting_with_its_default() -> None:
+    """`serve --help` names each BROADCASTER_* variable and the value it has when unset."""
+    result = CliRunner().invoke(cli, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for name in Settings.model_fields:
+        assert f"{ENV_PREFIX}{name.upper()} [" in result.output
+    assert "BROADCASTER_QUEUE_MAX_MESSAGES [1000]" in result.output
+    assert "default: 8000" in result.output

@@ -34,6 +34,7 @@ class Kind(StrEnum):
     SLOW = "slow"
     STALLED = "stalled"
     CHURN = "churn"
+    RECONNECT = "reconnect"
 
 
 # Latency histogram in microseconds: exact below 64 µs, then 32 buckets per power of two
@@ -119,7 +120,7 @@ class Tally:
                 start = payload.index(_DATA, end) + 8
                 space = payload.index(b" ", start)
                 after = payload.index(b" ", space + 1)
-                self._count(seq, int(payload[start:space]), int(payload[space + 1 : after]), now_ns)
+                self.count(seq, int(payload[start:space]), int(payload[space + 1 : after]), now_ns)
             except ValueError:
                 self.unparsed += 1
                 return count
@@ -133,13 +134,14 @@ class Tally:
             space = payload.index(b" ")
             after = payload.index(b" ", space + 1)
             counter = int(payload[:space])
-            self._count(counter, counter, int(payload[space + 1 : after]), now_ns)
+            self.count(counter, counter, int(payload[space + 1 : after]), now_ns)
         except ValueError:
             self.unparsed += 1
             return 0
         return 1
 
-    def _count(self, seq: int, counter: int, sent_ns: int, now_ns: int) -> None:
+    def count(self, seq: int, counter: int, sent_ns: int, now_ns: int) -> None:
+        """Count one message: its ``seq``, the publisher's counter and its send time."""
         self.received += 1
         last = self.last_seq
         if last is None:
@@ -150,7 +152,9 @@ class Tally:
             else:
                 self.reordered += 1
         self.last_seq = seq
-        self.last_counter = counter
+        # The highest, not the latest: messages published through two nodes may arrive in
+        # another order than their counters.
+        self.last_counter = max(self.last_counter, counter)
         micros = (now_ns - sent_ns) // 1000
         self.histogram[bucket(micros)] += 1
         if micros > self.max_latency_us:

@@ -45,6 +45,11 @@ class WorkerPlan:
         progress_seconds: how often the worker reports progress.
         source_addresses: receivers connect from 127.0.0.1 to 127.0.0.N in turn, each with
             its own range of ephemeral ports; 1 leaves the choice to the kernel.
+        other_urls: further nodes (sharing a backplane with ``base_url``'s): receivers are
+            spread over all of them, and reconnecting clients move to the next at each
+            reconnect.
+        reconnect_every: the shortest and longest time a reconnecting client stays connected
+            before it drops the connection.
     """
 
     index: int
@@ -62,6 +67,8 @@ class WorkerPlan:
     connect_timeout: float
     progress_seconds: float
     source_addresses: int = 1
+    other_urls: tuple[str, ...] = ()
+    reconnect_every: tuple[float, float] = (0.5, 2.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +149,9 @@ class ClientResult:
     seen in each session; other clients' expected counts come from the publisher.
     ``closes`` counts how connections ended when the client did not end them itself.
     ``drained`` is false for a client still receiving when the drain time ran out.
+    Reconnecting clients also count what the server sent that the resume logic had to
+    skip (``duplicates``, ``reordered``), the answers to their resumes (``recovered``,
+    ``not_recovered``), and ``digest`` every ``(epoch, seq, data)`` they delivered.
     """
 
     kind: Kind
@@ -157,6 +167,10 @@ class ClientResult:
     connect_failures: int
     drained: bool
     error: str | None
+    duplicates: int = 0
+    recovered: int = 0
+    not_recovered: int = 0
+    digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""The picture of a stress run: latency per kind, delivery over time, server memory.
+"""The picture of a stress run: latency per kind, delivery over time, server memory and CPU.
 
 Drawn with matplotlib's Agg canvas straight into a PNG file, without pyplot's global state.
 """
@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 
 def plot(report: Report, path: Path) -> None:
     """Draw ``report`` into the PNG file ``path``."""
+    draw(report).savefig(path, dpi=100)
+
+
+def draw(report: Report) -> Figure:
+    """Return the figure of ``report``: three panels, each with a title and labelled axes."""
     figure = Figure(figsize=(9, 12), layout="constrained")
     FigureCanvasAgg(figure)
     latency, delivery, memory = figure.subplots(3, 1)
@@ -30,7 +35,7 @@ def plot(report: Report, path: Path) -> None:
     _delivery(delivery, report)
     _memory(memory, report)
     figure.suptitle(f"broadcaster stress · {report.url}")
-    figure.savefig(path, dpi=100)
+    return figure
 
 
 def _latency(axes: Axes, report: Report) -> None:
@@ -70,7 +75,7 @@ def _delivery(axes: Axes, report: Report) -> None:
 
 
 def _memory(axes: Axes, report: Report) -> None:
-    axes.set_title("Server memory")
+    axes.set_title("Server memory (RSS, left axis) and CPU (right axis)")
     server = report.server
     if server is None or not server.samples:
         axes.text(0.5, 0.5, "no samples: the server was not spawned by this run", ha="center")
@@ -86,7 +91,14 @@ def _memory(axes: Axes, report: Report) -> None:
     end = report.publisher.seconds
     axes.axvspan(0, end, color="tab:green", alpha=0.08, label="publishing")
     cpu = axes.twinx()
-    cpu.plot(times, [sample[2] for sample in server.samples], color="tab:orange", linewidth=0.7)
+    cpu_line = cpu.plot(
+        times,
+        [sample[2] for sample in server.samples],
+        color="tab:orange",
+        linewidth=0.7,
+        label="CPU",
+    )
     cpu.set_ylabel("CPU (% of a core)", color="tab:orange")
     cpu.set_ylim(bottom=0)
-    axes.legend(loc="lower right")
+    handles, labels = axes.get_legend_handles_labels()
+    axes.legend([*handles, *cpu_line], [*labels, "CPU"], loc="lower right")

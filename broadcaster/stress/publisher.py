@@ -4,8 +4,9 @@ Over WebSocket it sends ``{"op":"publish",...}`` frames on one multiplexed conne
 frames on one ``/ws/{topic}`` connection per topic (which, being subscribers too, get their own
 messages back and read them so they never lag). Over HTTP it POSTs each message to
 ``/publish/{topic}``, one request at a time per topic so that each topic's counter reaches the
-server in order. A fixed rate is kept against the clock, catching up after a stall; the
-achieved rate is what was actually sent.
+server in order. With further nodes, successive messages go to the nodes in turn, so that
+every topic gets messages through each of them. A fixed rate is kept against the clock,
+catching up after a stall; the achieved rate is what was actually sent.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class PublisherPlan:
         rate: messages a second over all topics; 0 publishes flat out.
         duration: seconds to publish for.
         connect_timeout: seconds to connect.
+        other_urls: further nodes sharing a backplane with ``base_url``'s; messages go to
+            each node in turn (multiplexed WebSocket or HTTP).
     """
 
     base_url: str
@@ -63,6 +66,12 @@ class PublisherPlan:
     rate: float
     duration: float
     connect_timeout: float
+    other_urls: tuple[str, ...] = ()
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every node published to."""
+        return (self.base_url, *self.other_urls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,13 +160,13 @@ class Publisher:
         if self.plan.via is Via.HTTP:
             return
         if self.plan.mode is Mode.RAW:
-            paths = [f"/ws/{topic}" for topic in self.plan.topics]
+            urls = [f"{self.plan.base_url}/ws/{topic}" for topic in self.plan.topics]
         else:
-            paths = ["/ws"]
-        for path in paths:
+            urls = [f"{url}/ws" for url in self.plan.urls]
+        for url in urls:
             writer = _Writer()
             with anyio.fail_after(self.plan.connect_timeout):
-                transport = await connect(self.plan.base_url + path, writer)
+                transport = await connect(url, writer)
             self._writers.append((transport, writer))
 
     async def run(self, t0_ns: int, bin_ns: int, bin_count: int) -> PublisherResult:
@@ -228,7 +237,7 @@ class Publisher:
                 if delay > 0:
                     await anyio.sleep(delay)
             index = sent % len(topics)
-            transport, writer = self._writers[index if raw else 0]
+            transport, writer = self._writers[index if raw else sent % len(self._writers)]
             if writer.closed.is_set():
                 self._error = "the server closed the publisher's connection"
                 return
@@ -247,10 +256,9 @@ class Publisher:
         # Imported here: only the HTTP publisher needs httpx.
         import httpx
 
-        base = "http" + self.plan.base_url.removeprefix("ws")
         timeout = httpx.Timeout(self.plan.connect_timeout)
         async with (
-            httpx.AsyncClient(base_url=base, timeout=timeout) as client,
+            httpx.AsyncClient(timeout=timeout) as client,
             anyio.create_task_group() as tg,
         ):
             for index in range(len(self.plan.topics)):
@@ -267,6 +275,7 @@ class Publisher:
 
         topic, rate, size = self.plan.topics[index], self.plan.rate, self.plan.size
         topics = len(self.plan.topics)
+        bases = ["http" + url.removeprefix("ws") for url in self.plan.urls]
         started, end = period
         headers = {"content-type": "text/plain"}
         # This topic's share of rate times duration messages; flat out, as many as time allows.
@@ -283,7 +292,10 @@ class Publisher:
             now_ns = time.time_ns()
             data = message_data(self._counters[index] + 1, now_ns, size, self._padding)
             try:
-                response = await client.post(f"/publish/{topic}", content=data, headers=headers)
+                base = bases[self._counters[index] % len(bases)]
+                response = await client.post(
+                    f"{base}/publish/{topic}", content=data, headers=headers
+                )
             except httpx.HTTPError as error:
                 self._error = f"POST /publish/{topic}: {error!r}"
                 scope.cancel()

@@ -104,10 +104,14 @@ def _progress_table(snapshot: Snapshot) -> Table:
     return table
 
 
-def print_report(report: Report, violations: list[str], console: Console) -> None:
-    """Print the report's table, the publisher's and server's figures, and the verdict."""
+def print_report(
+    report: Report, violations: list[str], console: Console, *, judged: bool = True
+) -> None:
+    """Print the report's table, the publisher's and server's figures, each kind's health, and
+    the verdict: a failed run, the thresholds missed, or (``judged`` false) that no threshold
+    was given. Lines are never wrapped, so that a log file reads as a terminal does."""
     table = Table(title=f"broadcaster stress · {report.url}", title_justify="left")
-    columns = ["kind", "clients", "delivered/expected", "delivery", "gaps"]
+    columns = ["kind", "clients", "delivered/expected", "delivery", "lost", "gaps"]
     columns += ["p50 ms", "p90 ms", "p99 ms", "max ms", "closes", "notes"]
     for column in columns:
         left = column in ("kind", "closes", "notes")
@@ -127,17 +131,18 @@ def print_report(report: Report, violations: list[str], console: Console) -> Non
         line += f", closed by the server: {publisher.close_code} {publisher.close_reason}"
     if publisher.error:
         line += f", error: {publisher.error}"
-    console.print(line, highlight=False)
+    console.print(line, highlight=False, soft_wrap=True)
     if report.server is not None:
-        console.print(_server_line(report.server), highlight=False)
+        console.print(_server_line(report.server), highlight=False, soft_wrap=True)
         for error in report.server.errors[:5]:
-            console.print(f"  server error: {error}", highlight=False, markup=False)
+            console.print(f"  server error: {error}", highlight=False, markup=False, soft_wrap=True)
     receivers = report.receiver_cpu_percent
     console.print(
         f"load generator, mean CPU while publishing: receivers "
         f"{', '.join(_percent(cpu) for cpu in receivers)}; "
         f"publisher {_percent(report.publisher_cpu_percent)}",
         highlight=False,
+        soft_wrap=True,
     )
     busy = [cpu for cpu in receivers if cpu is not None and cpu >= BUSY_PERCENT]
     if busy:
@@ -146,17 +151,33 @@ def print_report(report: Report, violations: list[str], console: Console) -> Non
             "busy nearly all the time: the load generator may be what limits this run; "
             "give it more --procs (and cores)",
             highlight=False,
+            soft_wrap=True,
         )
     if report.leftover_subscribers is not None:
         console.print(
             f"registry: {report.leftover_subscribers} subscribers left on this run's topics "
             "after every client left",
             highlight=False,
+            soft_wrap=True,
         )
+    for line in report.health():
+        console.print(f"health: {line}", highlight=False, markup=False, soft_wrap=True)
+    failures = report.failures()
+    for failure in failures:
+        console.print(f"[bold red]FAILED RUN[/] {failure}", highlight=False, soft_wrap=True)
     for violation in violations:
-        console.print(f"[bold red]FAIL[/] {violation}", highlight=False)
-    if not violations:
-        console.print("[bold green]OK[/] every threshold met", highlight=False)
+        console.print(f"[bold red]FAIL[/] {violation}", highlight=False, soft_wrap=True)
+    if failures or violations:
+        return
+    if judged:
+        console.print("[bold green]OK[/] every threshold met", highlight=False, soft_wrap=True)
+    else:
+        console.print(
+            "no thresholds were given: nothing was judged beyond the run itself "
+            "(--min-fast-delivery, --max-lost, --require-recovered and others judge it)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _kind_row(kind: KindReport) -> list[str]:
@@ -175,6 +196,12 @@ def _kind_row(kind: KindReport) -> list[str]:
         notes.append(f"{kind.undrained} still receiving when the drain ended")
     if kind.reordered:
         notes.append(f"{kind.reordered} out of order")
+    if kind.duplicates:
+        notes.append(f"{kind.duplicates} duplicated")
+    if kind.recovered or kind.not_recovered:
+        notes.append(f"resumes {kind.recovered} recovered, {kind.not_recovered} not")
+    if kind.diverged:
+        notes.append(f"{kind.diverged} saw another sequence")
     if kind.unparsed:
         notes.append(f"{kind.unparsed} unparsed")
     return [
@@ -182,6 +209,7 @@ def _kind_row(kind: KindReport) -> list[str]:
         str(kind.clients),
         f"{kind.delivered}/{kind.expected}",
         f"{kind.delivery:.2%}" if kind.delivery is not None else "-",
+        str(kind.lost),
         str(kind.gaps),
         *times,
         ", ".join(f"{label} x{n}" for label, n in kind.closes.items()) or "-",

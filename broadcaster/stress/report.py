@@ -8,6 +8,7 @@ Latencies come from merged histograms (about 3 % resolution); the maximum is exa
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,10 @@ class KindReport:
     ``delivery`` is delivered over expected for them all; ``min_delivery`` the lowest of
     any one client. ``delivered_over_time`` is, per time bin of publishing, the fraction of
     that bin's messages they received (``None`` for churn clients and empty bins).
+    ``lost`` is expected minus delivered, clients that got more not offsetting those that got
+    less. Reconnecting clients also count ``duplicates`` the server sent, resumes answered
+    ``recovered`` true and false, and ``diverged``: clients whose sequence of ``(epoch, seq,
+    data)`` differs from the one most clients of their topic saw.
     """
 
     kind: Kind
@@ -80,6 +85,11 @@ class KindReport:
     gaps: int
     reordered: int
     unparsed: int
+    lost: int
+    duplicates: int
+    recovered: int
+    not_recovered: int
+    diverged: int
     latency: Latency | None
     closes: dict[str, int]
     connect_failures: int
@@ -155,6 +165,51 @@ class Report:
     bin_seconds: float
     clients: list[ClientResult] = field(repr=False)
 
+    def failures(self) -> list[str]:
+        """Say why the run itself failed (its figures judge nothing); empty when it did not."""
+        publisher = self.publisher
+        lines = []
+        if publisher.close_code is not None:
+            lines.append(
+                f"the server closed the publisher's connection: {publisher.close_code} "
+                f"{publisher.close_reason}".rstrip()
+            )
+        elif publisher.error:
+            lines.append(f"the publisher stopped: {publisher.error}")
+        if publisher.published == 0:
+            lines.append("nothing was published")
+        elif not any(kind.delivered for kind in self.kinds.values()):
+            lines.append("no client received any message")
+        return lines
+
+    def health(self) -> list[str]:
+        """Say, per kind of client, whether it got everything, and what it lost and why."""
+        lines = []
+        for kind in self.kinds.values():
+            line = f"{kind.kind}: "
+            if kind.expected and kind.lost == 0 and not (kind.duplicates or kind.reordered):
+                line += f"all {kind.clients} clients got every message"
+            elif kind.expected:
+                least = f"{kind.min_delivery:.1%}" if kind.min_delivery is not None else "-"
+                line += f"lost {kind.lost} of {kind.expected} messages (the least got {least})"
+            else:
+                line += "nothing was expected"
+            if kind.duplicates or kind.reordered:
+                line += f", {kind.duplicates} duplicated, {kind.reordered} out of order"
+            if kind.recovered or kind.not_recovered:
+                line += f"; resumes: {kind.recovered} recovered, {kind.not_recovered} not recovered"
+            if kind.diverged:
+                line += f"; {kind.diverged} clients saw another sequence than their topic's others"
+            closes = ", ".join(f"{label} x{n}" for label, n in kind.closes.items())
+            if closes:
+                line += f"; closed by the server: {closes}"
+            if kind.undrained:
+                line += f"; {kind.undrained} still receiving when the drain ended"
+            if kind.connect_failures:
+                line += f"; {kind.connect_failures} connection attempts failed"
+            lines.append(line)
+        return lines
+
     def to_json(self) -> dict[str, Any]:
         """Return the whole report as JSON-ready data."""
         data = asdict(self)
@@ -163,6 +218,8 @@ class Report:
                 [round(bucket_micros(i) / 1000, 4), n] for i, n in enumerate(kind["histogram"]) if n
             ]
         data["kinds"] = {str(kind): value for kind, value in data["kinds"].items()}
+        data["failures"] = self.failures()
+        data["health"] = self.health()
         return data
 
 
@@ -242,6 +299,12 @@ def _kind_report(kind: Kind, outcome: Outcome) -> KindReport:
         over_time = [got / want if want else None for got, want in zip(bins, wanted, strict=True)]
     total_expected = sum(expected)
     delivered = sum(c.received for c in clients)
+    lost = sum(max(e - c.received, 0) for c, e in zip(clients, expected, strict=True))
+    # The sequence most clients of each topic delivered.
+    usual: dict[str, str | None] = {}
+    for topic in {c.topic for c in clients}:
+        digests = Counter(c.digest for c in clients if c.topic == topic)
+        usual[topic] = digests.most_common(1)[0][0]
     return KindReport(
         kind=kind,
         clients=len(clients),
@@ -252,6 +315,11 @@ def _kind_report(kind: Kind, outcome: Outcome) -> KindReport:
         gaps=sum(c.gaps for c in clients),
         reordered=sum(c.reordered for c in clients),
         unparsed=sum(c.unparsed for c in clients),
+        lost=lost,
+        duplicates=sum(c.duplicates for c in clients),
+        recovered=sum(c.recovered for c in clients),
+        not_recovered=sum(c.not_recovered for c in clients),
+        diverged=sum(c.digest != usual[c.topic] for c in clients),
         latency=_latency(histogram, max_us / 1000) if any(histogram) else None,
         closes=dict(sorted(closes.items())),
         connect_failures=sum(c.connect_failures for c in clients),
@@ -313,6 +381,12 @@ class Thresholds:
         max_rss_mib: the spawned server's peak RSS.
         require_stalled_closed: every stalled client must have been closed with 1013.
         max_server_errors: lines the spawned server may log at error level.
+        max_lost: messages reconnecting clients may miss, over them all.
+        max_duplicates: messages reconnecting clients may get twice, over them all.
+        max_out_of_order: messages reconnecting clients may get after a later one, over them
+            all.
+        require_recovered: every resume of a reconnecting client must say recovered: true,
+            and every reconnecting client of a topic must see one identical sequence.
     """
 
     max_p99_ms: float | None = None
@@ -320,6 +394,14 @@ class Thresholds:
     max_rss_mib: float | None = None
     require_stalled_closed: bool = False
     max_server_errors: int | None = None
+    max_lost: int | None = None
+    max_duplicates: int | None = None
+    max_out_of_order: int | None = None
+    require_recovered: bool = False
+
+    def given(self) -> bool:
+        """Say whether any threshold was given."""
+        return any(value not in (None, False) for value in asdict(self).values())
 
     def problems(self, scenario: Scenario) -> list[str]:
         """Say which thresholds cannot apply to ``scenario``; empty when all can."""
@@ -342,6 +424,16 @@ class Thresholds:
             (
                 not self.require_stalled_closed or scenario.stalled > 0,
                 "--require-stalled-closed needs stalled clients (--stalled)",
+            ),
+            (
+                all(n is None or n >= 0 for n in self._reconnect_limits().values()),
+                "--max-lost, --max-duplicates and --max-out-of-order must be 0 or more",
+            ),
+            (
+                scenario.reconnect > 0
+                or (self._reconnect_limits() == {} and not self.require_recovered),
+                "--max-lost, --max-duplicates, --max-out-of-order and --require-recovered need "
+                "reconnecting clients (--reconnecting)",
             ),
         ]
         return [message for ok, message in checks if not ok]
@@ -390,5 +482,40 @@ class Thresholds:
                 lines.append(
                     f"--max-server-errors {self.max_server_errors}: the server logged "
                     f"{server.error_lines} error lines"
+                )
+        return lines + self._reconnect_violations(report)
+
+    def _reconnect_limits(self) -> dict[str, int]:
+        limits = {
+            "--max-lost": self.max_lost,
+            "--max-duplicates": self.max_duplicates,
+            "--max-out-of-order": self.max_out_of_order,
+        }
+        return {flag: limit for flag, limit in limits.items() if limit is not None}
+
+    def _reconnect_violations(self, report: Report) -> list[str]:
+        kind = report.kinds.get(Kind.RECONNECT)
+        if kind is None:
+            return []
+        seen = {
+            "--max-lost": (kind.lost, "lost"),
+            "--max-duplicates": (kind.duplicates, "duplicated"),
+            "--max-out-of-order": (kind.reordered, "out of order"),
+        }
+        lines = []
+        for flag, limit in self._reconnect_limits().items():
+            count, what = seen[flag]
+            if count > limit:
+                lines.append(f"{flag} {limit}: reconnecting clients had {count} messages {what}")
+        if self.require_recovered:
+            if kind.not_recovered or not kind.recovered:
+                lines.append(
+                    f"--require-recovered: {kind.not_recovered} of "
+                    f"{kind.recovered + kind.not_recovered} resumes said recovered: false"
+                )
+            if kind.diverged:
+                lines.append(
+                    f"--require-recovered: {kind.diverged} reconnecting clients saw another "
+                    "sequence of (epoch, seq, data) than the others of their topic"
                 )
         return lines

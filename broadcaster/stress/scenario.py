@@ -40,7 +40,15 @@ from broadcaster.stress.messages import (
 from broadcaster.stress.publisher import PublisherPlan, PublisherResult, Via
 from broadcaster.stress.registry import leftover, wait_listed
 from broadcaster.stress.report import Outcome, Report, summarise
-from broadcaster.stress.spawned import Sample, Sampler, ServerFailed, SpawnedServer, can_pin, pin
+from broadcaster.stress.spawned import (
+    Sample,
+    Sampler,
+    ServerFailed,
+    SpawnedServer,
+    can_pin,
+    pin,
+    server_environment,
+)
 from broadcaster.stress.worker import main, raise_file_limit
 
 if TYPE_CHECKING:
@@ -61,6 +69,9 @@ STOP_SECONDS = 30.0
 LEFTOVER_SECONDS = 5.0
 # A message's data holds its counter and a 19-digit timestamp.
 MIN_SIZE = 32
+# The server's default BROADCASTER_MAX_MESSAGE_BYTES, assumed for a server given with --url.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
+MAX_MESSAGE_VARIABLE = "BROADCASTER_MAX_MESSAGE_BYTES"
 
 
 class StressError(Exception):
@@ -73,6 +84,9 @@ class Scenario:
 
     Args:
         url: ``ws://host:port`` of a running server; ``None`` spawns one.
+        other_urls: further running nodes sharing a backplane with ``url``'s: receivers are
+            spread over every node, reconnecting clients move to the next node at each
+            reconnect, and the publisher sends to each node in turn.
         publish_url: ``ws://host:port`` of another node sharing a backplane with ``url``'s,
             for the publisher, so that every message crosses the broker; ``None`` publishes to
             the receivers' server.
@@ -88,6 +102,9 @@ class Scenario:
         stalled: clients that stop reading.
         churn: clients that connect, stay up to ``churn_stay`` seconds and leave, again and
             again.
+        reconnect: clients that drop their connection now and then and resume.
+        reconnect_every: the shortest and longest a reconnecting client stays connected
+            before it drops the connection (a TCP reset, no close frame) and resumes.
         slow_rate: messages a second a slow client reads.
         stall_for: seconds stalled clients stay stalled; ``None`` until publishing ends.
         churn_stay: the longest a churn session lasts.
@@ -108,6 +125,7 @@ class Scenario:
     """
 
     url: str | None = None
+    other_urls: tuple[str, ...] = ()
     publish_url: str | None = None
     server_env: Mapping[str, str] = field(default_factory=dict)
     server_command: tuple[str, ...] = ("-m", "broadcaster", "serve", "--port", "0")
@@ -117,6 +135,8 @@ class Scenario:
     slow: int = 0
     stalled: int = 0
     churn: int = 0
+    reconnect: int = 0
+    reconnect_every: tuple[float, float] = (0.5, 2.0)
     slow_rate: float = 50.0
     stall_for: float | None = None
     churn_stay: float = 0.5
@@ -140,15 +160,55 @@ class Scenario:
             Kind.SLOW: self.slow,
             Kind.STALLED: self.stalled,
             Kind.CHURN: self.churn,
+            Kind.RECONNECT: self.reconnect,
         }
+
+    def urls(self) -> tuple[str, ...]:
+        """Every running node given; empty for a spawned server."""
+        return (self.url, *self.other_urls) if self.url is not None else ()
+
+    def message_limit(self) -> int:
+        """The largest publish the server accepts: ``BROADCASTER_MAX_MESSAGE_BYTES`` of a
+        spawned server, the server's default for one given with ``url``."""
+        if self.url is not None:
+            return DEFAULT_MAX_MESSAGE_BYTES
+        value = server_environment(self.server_env).get(MAX_MESSAGE_VARIABLE, "")
+        return int(value) if value.isdigit() else DEFAULT_MAX_MESSAGE_BYTES
+
+    def publish_bytes(self) -> int:
+        """The size of the publisher's largest message as the server counts it: the data,
+        inside a publish frame on the multiplexed endpoint."""
+        if self.via is Via.HTTP or self.mode is Mode.RAW:
+            return self.size
+        topic = f"stress-{'0' * 6}-{max(self.topics - 1, 0)}"
+        return len(f'{{"op":"publish","topic":"{topic}","data":""}}') + self.size
 
     def problems(self) -> list[str]:
         """Say what is wrong with these settings; an empty list when nothing is."""
         problems = [f"--{kind} must be 0 or more" for kind, n in self.counts().items() if n < 0]
         if sum(self.counts().values()) <= 0:
-            problems.append("at least one client is needed (--fast, --slow, --stalled, --churn)")
-        if self.url is not None and not self.url.startswith(("ws://", "wss://")):
-            problems.append(f"--url must start with ws:// or wss://, not {self.url!r}")
+            problems.append(
+                "at least one client is needed (--fast, --slow, --stalled, --churn, --reconnecting)"
+            )
+        problems += [
+            f"--url must start with ws:// or wss://, not {url!r}"
+            for url in self.urls()
+            if not url.startswith(("ws://", "wss://"))
+        ]
+        if self.other_urls and self.url is None:
+            problems.append("further nodes need --url for the first one")
+        if self.mode is Mode.RAW and (self.other_urls or self.reconnect):
+            problems.append("--url more than once and --reconnecting need --mode mux")
+        low, high = self.reconnect_every
+        if not 0 < low <= high:
+            problems.append("--reconnect-every is MIN,MAX seconds with 0 < MIN <= MAX")
+        if self.size >= MIN_SIZE and self.publish_bytes() > self.message_limit():
+            problems.append(
+                f"--size {self.size}: a message is {self.publish_bytes()} bytes once enveloped "
+                f"for publishing, over the server's {MAX_MESSAGE_VARIABLE} "
+                f"({self.message_limit()}"
+                + (", its default, assumed for --url)" if self.url is not None else ")")
+            )
         if self.publish_url is not None and not self.publish_url.startswith(("ws://", "wss://")):
             problems.append(f"the publisher's URL must start with ws://, not {self.publish_url!r}")
         if self.url is not None and self.server_env:
@@ -370,7 +430,11 @@ class _Runner:
             scenario.drain + PHASE_SLACK_SECONDS,
             "while clients drained",
         )
-        self.leftover = leftover(self.base_url, self.topics, LEFTOVER_SECONDS)
+        left = [
+            leftover(url.rstrip("/"), self.topics, LEFTOVER_SECONDS)
+            for url in (self.base_url, *self.scenario.other_urls)
+        ]
+        self.leftover = None if None in left else sum(n for n in left if n is not None)
 
     def _plans(self) -> list[WorkerPlan]:
         scenario, topics = self.scenario, self.topics
@@ -380,8 +444,10 @@ class _Runner:
             for i in range(count)
         ]
         shares = [tuple(specs[i :: scenario.procs]) for i in range(scenario.procs)]
+        nodes = () if scenario.publish_url else tuple(u.rstrip("/") for u in scenario.other_urls)
         publisher = PublisherPlan(
             base_url=(scenario.publish_url or self.base_url).rstrip("/"),
+            other_urls=nodes,
             mode=scenario.mode,
             via=scenario.via,
             topics=topics,
@@ -411,6 +477,8 @@ class _Runner:
                 connect_timeout=scenario.connect_timeout,
                 progress_seconds=TICK_SECONDS,
                 source_addresses=scenario.source_addresses,
+                other_urls=tuple(url.rstrip("/") for url in scenario.other_urls),
+                reconnect_every=scenario.reconnect_every,
             )
             for index, (share, plan) in enumerate(groups)
         ]

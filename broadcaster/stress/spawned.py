@@ -135,6 +135,12 @@ LOAD_LIMITS = {
 }
 
 
+def server_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """Return the environment a spawned server gets: the load limits lifted, this process's
+    environment (as a shell would give it), then ``env``, with JSON logs."""
+    return {**LOAD_LIMITS, **os.environ, **env, "BROADCASTER_LOG_FORMAT": "json"}
+
+
 class SpawnedServer:
     """A ``broadcaster serve`` child process.
 
@@ -147,8 +153,7 @@ class SpawnedServer:
     """
 
     def __init__(self, env: Mapping[str, str], command: Sequence[str]) -> None:
-        # The child inherits this process's environment, as a shell would give it.
-        self._env = {**LOAD_LIMITS, **os.environ, **env, "BROADCASTER_LOG_FORMAT": "json"}
+        self._env = server_environment(env)
         self._command = [sys.executable, *command]
         self._process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None

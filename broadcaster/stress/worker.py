@@ -3,12 +3,13 @@
 The parent drives every worker over a pipe with the messages below. A worker connects its
 clients and says :class:`Ready`. On :class:`Start` receivers begin counting and say
 :class:`Started` (the publisher is started only once every receiver counts); the publisher
-publishes and answers :class:`Published`, while slow receivers ration their reading and churn
-ones come and go. On :class:`Finish` receivers read freely until they have the last message of
-their topic, the connection ends or the drain time runs out (``duration`` + ``drain`` seconds
-after the start, however late Finish arrives), say :class:`Drained`, then close and answer
-:class:`Results`. Every
-wait is bounded; a closed pipe means the parent is gone, and the worker stops.
+publishes and answers :class:`Published`, while slow receivers ration their reading, churn
+ones come and go, and reconnecting ones drop their connection and resume on the next node.
+On :class:`Finish` reconnecting clients caught between connections connect once more, and
+receivers read freely until they have the last message of their topic, the connection ends
+or the drain time runs out (``duration`` + ``drain`` seconds after the start, however late
+Finish arrives), say :class:`Drained`, then close and answer :class:`Results`. Every wait is
+bounded; a closed pipe means the parent is gone, and the worker stops.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 import anyio
 from picows import WSError
 
+from broadcaster.client import Tracker
 from broadcaster.protocol import Mode
 from broadcaster.stress.clients import (
     FREE_RECEIVE_BUFFER,
@@ -53,6 +55,7 @@ from broadcaster.stress.messages import (
     WorkerPlan,
 )
 from broadcaster.stress.publisher import Publisher, Via
+from broadcaster.stress.resume import Judge, Resumer
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -78,7 +81,9 @@ class _Client:
 
     spec: ClientSpec
     rng: random.Random
+    number: int = 0
     tally: Tally = field(default_factory=Tally)
+    judge: Judge | None = None
     receiver: Receiver | None = None
     closes: dict[str, int] = field(default_factory=dict)
     sessions: int = 0
@@ -102,13 +107,14 @@ class _Client:
         """Freeze what this client saw."""
         receiver = self.receiver
         errors = receiver.errors if receiver is not None else []
+        judge = self.judge
         return ClientResult(
             kind=self.spec.kind,
             topic=self.spec.topic,
             received=self.tally.received,
             span=self.span,
             gaps=self.tally.gaps,
-            reordered=self.tally.reordered,
+            reordered=self.tally.reordered + (judge.out_of_order if judge else 0),
             unparsed=self.tally.unparsed,
             last_counter=self.tally.last_counter,
             closes=self.closes,
@@ -116,6 +122,10 @@ class _Client:
             connect_failures=self.connect_failures,
             drained=self.drained,
             error=self.error or (errors[0] if errors else None),
+            duplicates=judge.duplicates if judge else 0,
+            recovered=judge.recovered if judge else 0,
+            not_recovered=judge.not_recovered if judge else 0,
+            digest=judge.digest.hexdigest() if judge else None,
         )
 
 
@@ -170,9 +180,15 @@ class Worker:
         self.plan = plan
         self.pipe = pipe
         self.clients = [
-            _Client(spec, random.Random(f"{plan.seed}:{plan.index}:{number}"))
+            _Client(spec, random.Random(f"{plan.seed}:{plan.index}:{number}"), number)
             for number, spec in enumerate(plan.clients)
         ]
+        for client in self.clients:
+            if client.spec.kind is Kind.RECONNECT:
+                client.judge = Judge(Tracker.of([client.spec.topic]))
+        self.urls = (plan.base_url, *plan.other_urls)
+        # time.time_ns() at the end of the drain, once started: receivers stop counting then.
+        self.deadline_ns: int | None = None
         self.publisher = Publisher(plan.publisher) if plan.publisher else None
         # Receivers connected so far, to spread them over the plan's source addresses.
         self._opened = 0
@@ -248,29 +264,50 @@ class Worker:
             receiver.pause()
 
     async def _open(self, client: _Client) -> Receiver:
-        """Connect one receiver and subscribe it; slow and stalled ones get a small buffer."""
+        """Connect one receiver and subscribe it; slow and stalled ones get a small buffer.
+
+        Receivers are spread over the nodes; a reconnecting client takes the next node at
+        each session and subscribes each topic ``since`` where it left it.
+        """
         plan, topic = self.plan, client.spec.topic
         raw = plan.mode is Mode.RAW
-        receiver = Receiver(client.tally, raw=raw)
+        base_url = self.urls[(client.number + client.sessions) % len(self.urls)]
+        receiver: Receiver
+        if client.judge is not None:
+            receiver = Resumer(client.tally, client.judge, topic)
+        else:
+            receiver = Receiver(client.tally, raw=raw)
         small = client.spec.kind in (Kind.SLOW, Kind.STALLED)
         source = None
         if plan.source_addresses > 1:
             self._opened += 1
             source = f"127.0.0.{1 + self._opened % plan.source_addresses}"
-        with anyio.fail_after(plan.connect_timeout):
-            transport = await connect(
-                f"{plan.base_url}/ws/{topic}" if raw else f"{plan.base_url}/ws",
-                receiver,
-                receive_buffer=plan.receive_buffer if small else FREE_RECEIVE_BUFFER,
-                source=source,
-            )
-            if not raw:
-                await subscribe(transport, receiver, topic)
+        try:
+            with anyio.fail_after(plan.connect_timeout):
+                transport = await connect(
+                    f"{base_url}/ws/{topic}" if raw else f"{base_url}/ws",
+                    receiver,
+                    receive_buffer=plan.receive_buffer if small else FREE_RECEIVE_BUFFER,
+                    source=source,
+                )
+                if isinstance(receiver, Resumer):
+                    receiver.resubscribe()
+                    await receiver.subscribed.wait()
+                elif not raw:
+                    await subscribe(transport, receiver, topic)
+        except BaseException:
+            # Timed out or cancelled half-way: a connection left open would go on feeding this
+            # client's counts (a reconnecting client's next connection resumes too, and both
+            # would deliver the same messages).
+            receiver.leave(reset=True)
+            raise
+        receiver.deadline_ns = self.deadline_ns
         return receiver
 
     async def _receive_run(self, start: Start) -> None:
         # Known from the start rather than from Finish, which an overloaded loop may read late.
         deadline_ns = start.t0_ns + int((self.plan.duration + self.plan.drain) * 1e9)
+        self.deadline_ns = deadline_ns
         for client in self.clients:
             client.tally.begin(start.t0_ns, start.bin_ns, start.bin_count)
             if client.receiver is not None:
@@ -285,11 +322,14 @@ class Worker:
             for client in self.clients:
                 if client.spec.kind is Kind.CHURN:
                     tg.start_soon(self._churn, client)
+                elif client.spec.kind is Kind.RECONNECT:
+                    tg.start_soon(self._reconnect, client)
             with anyio.fail_after(self.plan.duration + FINISH_SLACK):
                 finish = await self._receive()
             tg.cancel_scope.cancel()
         if not isinstance(finish, Finish):
             return
+        await self._reconnect_for_the_drain()
         receivers = [
             (c.receiver, finish.published.get(c.spec.topic, 0))
             for c in self.clients
@@ -355,6 +395,49 @@ class Worker:
                 client.note_end(receiver)
                 if client.tally.last_seq is not None:
                     client.span += client.tally.last_seq - client.tally.first_seq + 1
+
+    async def _reconnect(self, client: _Client) -> None:
+        """Stay a random while, drop the connection with a TCP reset and no close frame, and
+        resume on the next node; again, until cancelled (which leaves it connected)."""
+        low, high = self.plan.reconnect_every
+        for _ in range(MAX_CHURN_SESSIONS):
+            receiver = client.receiver
+            if receiver is not None:
+                with anyio.move_on_after(client.rng.uniform(low, high)):
+                    await receiver.finished.wait()
+                receiver.leave(reset=True)
+                client.note_end(receiver)
+                client.sessions += 1
+            try:
+                client.receiver = await self._open(client)
+            except (OSError, WSError) as error:
+                client.receiver = None
+                client.connect_failures += 1
+                client.error = client.error or f"cannot reconnect: {error!r}"
+                await anyio.sleep(low)
+
+    async def _reconnect_for_the_drain(self) -> None:
+        """Connect the reconnecting clients that publishing's end caught between connections,
+        so that they resume and collect the rest."""
+
+        async def again(client: _Client) -> None:
+            client.sessions += 1
+            try:
+                client.receiver = await self._open(client)
+            except (OSError, WSError) as error:
+                client.connect_failures += 1
+                client.error = client.error or f"cannot reconnect: {error!r}"
+
+        async with anyio.create_task_group() as tg:
+            for client in self.clients:
+                receiver = client.receiver
+                if client.spec.kind is Kind.RECONNECT and (
+                    receiver is None
+                    or receiver.left
+                    or receiver.transport is None
+                    or receiver.transport.is_disconnected
+                ):
+                    tg.start_soon(again, client)
 
     async def _close_all(self) -> None:
         for client in self.clients:
