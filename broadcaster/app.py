@@ -285,6 +285,7 @@ class Broadcaster:
             await _refusal(refused)(scope, receive, send)
             return
         events = EventStream(
+            scope,
             receive,
             send,
             topic,

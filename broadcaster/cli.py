@@ -139,6 +139,15 @@ def stress(
         list[str] | None,
         typer.Option(metavar="KEY=VALUE", help="A BROADCASTER_* setting for --spawn (repeatable)."),
     ] = None,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="BROADCASTER_ADMIN_TOKEN",
+            show_envvar=True,
+            help="The server's admin token, for GET /topics; a server on this machine, or one "
+            "spawned with --env BROADCASTER_ADMIN_TOKEN=..., needs none.",
+        ),
+    ] = None,
     mode: Annotated[Mode, typer.Option(help="Receivers on /ws/{topic} or on /ws.")] = Mode.MUX,
     publisher: Annotated[
         Publisher, typer.Option(help="Publish over WebSocket (in --mode) or HTTP POST.")
@@ -262,6 +271,7 @@ def stress(
         url=url[0] if url else None,
         other_urls=tuple(url[1:]) if url else (),
         server_env=server_env,
+        admin_token=admin_token,
         mode=mode,
         via=tool.Via(publisher.value),
         fast=fast,

@@ -41,6 +41,10 @@ __all__ = ["Client", "ClientError", "Gap", "Message", "Position", "Tracker"]
 
 # Largest frame accepted from the server; coalesced frames hold many messages.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+# Times in a row a gap is filled from the same position before it is reported instead: a
+# replay that the client's own outbox cannot hold (a drop_oldest server under load) would
+# otherwise be asked for again forever.
+MAX_FILLS = 3
 # Handshake answers that another try would only repeat.
 FINAL_STATUSES = frozenset({400, 401, 403, 404})
 
@@ -82,6 +86,9 @@ class _Topic:
     position: Position | None = None
     # Re-subscribed with since after a gap: skip messages until the new acknowledgement.
     filling: bool = False
+    # The position the latest gaps were filled from, and how many times in a row.
+    filled_from: Position | None = None
+    fills: int = 0
 
 
 @dataclass(slots=True)
@@ -131,11 +138,18 @@ class Tracker:
             return [], None  # before the acknowledgement: cannot happen, ignored
         if seq <= position.seq:
             return [], None  # already delivered (a replay that overlaps)
-        if seq > position.seq + 1:
-            topic.filling = True
-            return [], _subscribe(str(item["topic"]), position)
+        name = str(item["topic"])
         topic.position = Position(position.epoch, seq)
-        return [Message(str(item["topic"]), position.epoch, seq, _data(item))], None
+        delivered = Message(name, position.epoch, seq, _data(item))
+        if seq == position.seq + 1:
+            return [delivered], None
+        topic.fills = topic.fills + 1 if topic.filled_from == position else 1
+        topic.filled_from = position
+        if topic.fills > MAX_FILLS:
+            topic.filled_from, topic.fills = None, 0
+            return [Gap(name, position, topic.position), delivered], None
+        topic.position, topic.filling = position, True
+        return [], _subscribe(name, position)
 
     def _subscribed(self, item: dict[str, Any]) -> list[Message | Gap]:
         topic = self.topics.get(str(item.get("topic")))

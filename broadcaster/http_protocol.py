@@ -53,6 +53,10 @@ BODY_CHECK_INTERVAL = 0.25
 # Bytes of chunk framing allowed per byte of body, on top of the head's limit: a chunk of
 # one byte takes five ("1\r\n", then "\r\n" after it).
 FRAMING_PER_BODY_BYTE = 8
+# The ASGI scope extension through which the app drops a connection whose client stopped
+# reading before its response could end: ``scope["extensions"][ABORT]["abort"]()``. Without
+# it, the app could only return with the response unfinished, which uvicorn logs as an error.
+ABORT = "broadcaster.abort"
 # Seconds, and bytes read and dropped, after which a refused request's connection is closed
 # even though its client is still sending.
 LINGER_SECONDS = 2.0
@@ -201,7 +205,10 @@ class HTTPProtocol(HttpToolsProtocol):
         self._stop_timer()
         self._reading_head = False
         self._verdict = {}
-        self.scope["extensions"] = {SERVER_REFUSAL: self._verdict}
+        self.scope["extensions"] = {
+            SERVER_REFUSAL: self._verdict,
+            ABORT: {"abort": self.transport.abort},
+        }
         cycle = self.cycle
         super().on_headers_complete()
         if self.cycle is not cycle:  # a request was started (or queued) rather than upgraded

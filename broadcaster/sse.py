@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING
 import anyio
 
 from broadcaster.errors import CloseCode, Closing, ProtocolError, ShuttingDown
+from broadcaster.http_protocol import ABORT
 from broadcaster.protocol import Position, parse_epoch, parse_query_count
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
-    from starlette.types import Receive, Send
+    from starlette.types import Receive, Scope, Send
 
     from broadcaster.protocol import Frame
     from broadcaster.writer import Lane
@@ -42,6 +43,9 @@ HEADERS = [
 ]
 KEEPALIVE = b": keepalive\n\n"
 PING = '{"op":"ping"}'
+# Seconds the end of a response may take to be written before the connection is dropped: a
+# client that stopped reading would otherwise hold it, and its memory, for good.
+FINISH_TIMEOUT = 5.0
 
 
 def resume_point(
@@ -80,16 +84,19 @@ class EventStream:
     """The :class:`broadcaster.connection.Socket` over one ASGI HTTP response.
 
     Args:
-        receive, send: the request's ASGI callables.
+        scope, receive, send: the request's ASGI scope and callables.
         topic: the one topic the stream carries.
         since, last: where to start (see :func:`resume_point`).
         ping_interval: seconds between keepalive comments.
 
     Call :meth:`start` before the connection runs and :meth:`finish` after it, which ends
-    the response unless :meth:`close` has.
+    the response unless :meth:`close` has, and drops the connection if the end cannot be
+    written.
     """
 
     __slots__ = (
+        "_abort",
+        "_complete",
         "_ended",
         "_epoch",
         "_interval",
@@ -105,6 +112,7 @@ class EventStream:
 
     def __init__(
         self,
+        scope: Scope,
         receive: Receive,
         send: Send,
         topic: str,
@@ -126,6 +134,12 @@ class EventStream:
         self._prefix = len('{"topic":"' + topic + '","seq":')
         self._epoch = ""
         self._ended = False
+        # The response has ended on the wire, as HTTP requires.
+        self._complete = False
+        # Drops the connection; given by servers of ours (see broadcaster.http_protocol).
+        self._abort: Callable[[], None] | None = (
+            scope.get("extensions", {}).get(ABORT, {}).get("abort")
+        )
         # Why the server ends the stream, once it has decided to (see stop).
         self._stopped: Closing | None = None
         # The wait for the client's next message, which stop() cuts short.
@@ -144,12 +158,15 @@ class EventStream:
         with anyio.move_on_after(self._interval) as self._waiting:
             while not self._stopped and (await self._receive())["type"] != "http.disconnect":
                 pass  # the body of a GET, if any, means nothing
-            return None
-        return None if self._stopped else PING
+            if self._stopped is None:
+                return None  # the client went
+        if self._stopped is not None:
+            raise self._stopped
+        return PING
 
     def stop(self, closing: Closing | None = None) -> None:
-        """End the stream (by default as the server shuts down): the connection sees the
-        client gone, and :meth:`finish` tells the client why."""
+        """End the stream (by default as the server shuts down): the connection ends with
+        ``closing``, counts it, and tells the client why."""
         self._stopped = closing or ShuttingDown()
         if self._waiting is not None:
             self._waiting.cancel()
@@ -165,10 +182,19 @@ class EventStream:
         await self._end(f"event: close\ndata: {data}\n\n".encode())
 
     async def finish(self) -> None:
-        """End the response if :meth:`close` has not, saying why if :meth:`stop` did."""
-        if self._stopped is not None:
-            await self.close(self._stopped.code, self._stopped.reason)
-        await self._end(b"")
+        """End the response if :meth:`close` has not, saying why if :meth:`stop` did; drop
+        the connection if that cannot be written within :data:`FINISH_TIMEOUT`."""
+        with anyio.move_on_after(FINISH_TIMEOUT, shield=True):
+            if self._stopped is not None:
+                await self.close(self._stopped.code, self._stopped.reason)
+            await self._end(b"")
+        if not self._complete and self._abort is not None:
+            self._abort()
+            # Return once the server has seen the connection gone, not before: a response
+            # left unfinished on a live connection is what it logs as an error.
+            with anyio.move_on_after(FINISH_TIMEOUT):
+                while (await self._receive())["type"] != "http.disconnect":
+                    pass
 
     def _event(self, frame: Frame) -> bytes:
         data = frame.data
@@ -198,7 +224,8 @@ class EventStream:
         try:
             await self._send({"type": "http.response.body", "body": body, "more_body": False})
         except (OSError, RuntimeError):
-            pass  # the client is gone already; there is nobody to tell
+            return  # the client is gone already; there is nobody to tell
+        self._complete = True
 
     async def _write(self, body: bytes) -> None:
         try:

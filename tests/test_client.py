@@ -11,7 +11,7 @@ import anyio
 import httpx
 import pytest
 
-from broadcaster.client import Client, ClientError, Gap, Message, Position, Tracker
+from broadcaster.client import MAX_FILLS, Client, ClientError, Gap, Message, Position, Tracker
 from broadcaster.settings import Settings
 from tests.support import JWT_SECRET, running_server, wait_until
 
@@ -57,6 +57,24 @@ def test_the_tracker_fills_a_gap_by_subscribing_again_with_since() -> None:
     assert tracker.handle(ack("t", "e", 5, recovered=True)) == ([], None)
     delivered = [tracker.handle(message("t", seq))[0] for seq in (2, 3, 4, 5, 6)]
     assert [m[0].seq for m in delivered if isinstance(m[0], Message)] == [2, 3, 4, 5, 6]
+
+
+def test_a_gap_that_keeps_coming_back_is_reported_after_a_few_fills() -> None:
+    """A replay cut short again and again (an outbox too small for it) is asked for
+    MAX_FILLS times, then reported as a gap, and the stream goes on."""
+    tracker = Tracker.of(["t"])
+    tracker.handle(ack("t", "e", 0))
+    tracker.handle(message("t", 1))
+    since = '{"op":"subscribe","topic":"t","since":{"epoch":"e","seq":1}}'
+    for _ in range(MAX_FILLS):
+        assert tracker.handle(message("t", 9)) == ([], since)
+        assert tracker.handle(ack("t", "e", 9, recovered=True)) == ([], None)
+    assert tracker.handle(message("t", 9)) == (
+        [Gap("t", Position("e", 1), Position("e", 9)), Message("t", "e", 9, 9)],
+        None,
+    )
+    assert tracker.handle(message("t", 10)) == ([Message("t", "e", 10, 10)], None)
+    assert tracker.handle(message("t", 12)) == ([], since.replace("1}", "10}"))
 
 
 def test_the_tracker_reports_what_cannot_be_recovered() -> None:

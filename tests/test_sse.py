@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 
 from broadcaster.app import Broadcaster
-from broadcaster.errors import ProtocolError, ShuttingDown
+from broadcaster.errors import Closing, ProtocolError, ShuttingDown
 from broadcaster.policy import Overflow
 from broadcaster.protocol import error_frame
 from broadcaster.settings import Settings
@@ -251,6 +251,36 @@ async def test_a_slow_stream_is_dropped_by_policy_and_told_why() -> None:
     assert received.endswith(close + b"\r\n0\r\n\r\n")
 
 
+async def test_a_client_that_never_reads_is_dropped_without_an_error_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that stops reading for good cannot take the close event: once it is dropped
+    by policy, its connection is cut rather than held, and nothing is logged as an error."""
+    settings = Settings(
+        log_format="json",
+        overflow=Overflow.DISCONNECT,
+        queue_max_messages=4,
+        socket_send_buffer=4608,
+    )
+    async with running_server(settings) as live:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", live.port))
+        sock.sendall(b"GET /sse/stuck HTTP/1.1\r\nHost: test\r\n\r\n")
+        await wait_until(lambda: live.broadcaster.hub.statistics().topics.get("stuck") == 1)
+        totals = live.broadcaster.metrics.totals
+        async with httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http:
+            for _ in range(2000):
+                await http.post("/publish/stuck", content="x" * 16_000)
+                if totals.slow_consumers["queue_full"]:
+                    break
+            assert totals.slow_consumers["queue_full"] == 1
+            await wait_until(lambda: live.broadcaster.connections == 0, deadline=20)
+            assert (await http.get("/healthz")).json()["connections"] == 0
+        sock.close()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+
+
 async def test_a_router_mounted_elsewhere_serves_streams_too() -> None:
     """``Broadcaster.router`` included under a prefix serves ``/sse/{topic}`` as well."""
     live = Broadcaster(Settings(log_format="json"))
@@ -318,6 +348,9 @@ async def test_a_drain_flushes_streams_then_ends_them_with_1001() -> None:
         with anyio.fail_after(10):
             await drained.wait()
             assert await take(events, 1) == []
+        await wait_until(lambda: live.broadcaster.connections == 0)
+        samples = await scrape(live)
+        assert samples[("broadcaster_connections_closed_total", (("code", "1001"),))] == 1
 
 
 async def test_streams_hold_an_http_connection_slot_of_their_address() -> None:
@@ -343,13 +376,14 @@ async def test_a_failed_subscription_ends_the_stream_saying_why() -> None:
     async def send(message: Message) -> None:
         sent.append(message)
 
-    events = EventStream(receive, send, "t", since=None, last=None, ping_interval=60)
+    events = EventStream({}, receive, send, "t", since=None, last=None, ping_interval=60)
     assert await events.receive() == '{"op": "subscribe", "topic": "t"}'
     error = error_frame(ProtocolError("backplane_down", "redis: connection refused"))
     async with anyio.create_task_group() as tg:
         tg.start_soon(events.send, [error])
-        with anyio.fail_after(10):
-            assert await events.receive() is None
+        with anyio.fail_after(10), pytest.raises(Closing) as closing:
+            await events.receive()
+    assert (closing.value.code, closing.value.reason) == (1013, "backplane_down")
     await events.finish()
     await events.finish()
     assert [message["body"] for message in sent] == [

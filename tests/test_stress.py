@@ -269,3 +269,19 @@ def test_cli_without_the_extra_says_what_to_install(monkeypatch: pytest.MonkeyPa
     result = CliRunner().invoke(cli, ["stress", "--spawn"])
     assert result.exit_code == 2
     assert "install broadcaster-ws[stress]" in result.output
+
+
+async def test_cli_needs_the_admin_token_of_a_server_that_has_one() -> None:
+    """A raw-mode run waits on ``GET /topics``: with the server's admin token it runs; without
+    it the run fails naming the option, instead of skipping the wait unnoticed."""
+    token = "a" * 24
+    settings = Settings(log_format="json", admin_token=token)
+    args = "--mode raw --fast 2 --duration 0.5 --rate 20 --drain 1"
+    async with running_server(settings) as live:
+        command = [*STRESS, "--url", f"ws://127.0.0.1:{live.port}", *args.split()]
+        with anyio.fail_after(120):
+            refused = await anyio.run_process(command, check=False)
+            granted = await anyio.run_process([*command, "--admin-token", token], check=False)
+    assert refused.returncode == 2
+    assert "--admin-token" in refused.stderr.decode() + refused.stdout.decode()
+    assert granted.returncode == 0, granted.stderr.decode()

@@ -38,7 +38,7 @@ from broadcaster.stress.messages import (
     WorkerPlan,
 )
 from broadcaster.stress.publisher import PublisherPlan, PublisherResult, Via
-from broadcaster.stress.registry import leftover, wait_listed
+from broadcaster.stress.registry import RegistryRefused, leftover, wait_listed
 from broadcaster.stress.report import Outcome, Report, summarise
 from broadcaster.stress.spawned import (
     Sample,
@@ -91,6 +91,8 @@ class Scenario:
             for the publisher, so that every message crosses the broker; ``None`` publishes to
             the receivers' server.
         server_env: ``BROADCASTER_*`` variables for a spawned server.
+        admin_token: the server's ``BROADCASTER_ADMIN_TOKEN``, for ``GET /topics``; a spawned
+            server's own when ``None``. A server on this machine answers without one.
         server_command: the Python arguments that start a spawned server; whatever it runs
             must log ``server_starting`` with its ``port`` as a JSON line on stderr, as
             ``broadcaster serve`` does (the benchmarks' baseline server does too).
@@ -128,6 +130,7 @@ class Scenario:
     other_urls: tuple[str, ...] = ()
     publish_url: str | None = None
     server_env: Mapping[str, str] = field(default_factory=dict)
+    admin_token: str | None = None
     server_command: tuple[str, ...] = ("-m", "broadcaster", "serve", "--port", "0")
     mode: Mode = Mode.MUX
     via: Via = Via.WS
@@ -284,7 +287,10 @@ def run_scenario(
     raise_file_limit(sum(scenario.counts().values()) + scenario.topics)
     if scenario.url is not None:
         runner = _Runner(scenario, scenario.url.rstrip("/"), None, on_progress)
-        runner.run()
+        try:
+            runner.run()
+        except RegistryRefused as error:
+            raise StressError(str(error)) from None
         return summarise(runner.outcome())
     server = SpawnedServer(scenario.server_env, scenario.server_command)
     try:
@@ -294,7 +300,7 @@ def run_scenario(
             pin(server.pid, scenario.server_cpus)
         runner = _Runner(scenario, url, server, on_progress)
         runner.run()
-    except ServerFailed as error:
+    except (ServerFailed, RegistryRefused) as error:
         raise StressError(str(error)) from None
     finally:
         server.stop(STOP_SECONDS)
@@ -313,6 +319,9 @@ class _Runner:
     ) -> None:
         self.scenario = scenario
         self.base_url = base_url
+        self.admin_token = scenario.admin_token or scenario.server_env.get(
+            "BROADCASTER_ADMIN_TOKEN"
+        )
         self.server = server
         self.on_progress = on_progress
         # Unique per run, not drawn from the seed: a topic that an earlier run left on a
@@ -431,7 +440,7 @@ class _Runner:
             "while clients drained",
         )
         left = [
-            leftover(url.rstrip("/"), self.topics, LEFTOVER_SECONDS)
+            leftover(url.rstrip("/"), self.topics, LEFTOVER_SECONDS, self.admin_token)
             for url in (self.base_url, *self.scenario.other_urls)
         ]
         self.leftover = None if None in left else sum(n for n in left if n is not None)
@@ -575,4 +584,4 @@ class _Runner:
             assert handle.ready is not None
             for topic, count in handle.ready.subscribed.items():
                 wanted[topic] = wanted.get(topic, 0) + count
-        return wait_listed(self.base_url, wanted, CONNECT_SECONDS)
+        return wait_listed(self.base_url, wanted, CONNECT_SECONDS, self.admin_token)
