@@ -441,7 +441,7 @@ class Broadcaster:
 
         @router.post("/publish/{topic}")
         async def publish(topic: str, request: Request) -> Response:
-            """Publish the body to ``topic``; answer with its receipt (see the README)."""
+            """Publish the body to ``topic``; answer with its receipt (see docs/protocol.md)."""
             return await self.publishing.respond(topic, request.scope, request.receive)
 
         @router.post("/publish")

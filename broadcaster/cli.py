@@ -264,7 +264,7 @@ def stress(
     except ModuleNotFoundError as error:
         if (error.name or "").partition(".")[0] not in STRESS_EXTRA:
             raise
-        _stress_usage(f"{error.name} is not installed; install broadcaster[stress]")
+        _stress_usage(f"{error.name} is not installed; install broadcaster-ws[stress]")
     if publisher is Publisher.HTTP and importlib.util.find_spec("httpx") is None:
         _stress_usage("--publisher http needs httpx; install it with pip install httpx")
     scenario = tool.Scenario(

@@ -189,8 +189,9 @@ class Client:
         url: ``ws://host:port/ws`` (or ``wss://``).
         topics: the topics to follow.
         token: a JWT for servers that require one, sent as a bearer token.
-        backoff_min, backoff_max: seconds before the first reconnect, doubled per failed try
-            up to the maximum; each delay is between half and all of it, at random.
+        backoff_min: seconds before the first reconnect, doubled per failed try up to
+            ``backoff_max``; each delay is between half and all of it, at random.
+        backoff_max: the longest delay between two reconnect tries.
         jitter: returns a number in [0, 1); tests pass their own.
         reconnect: whether to reconnect at all after a lost connection.
 

@@ -1,6 +1,6 @@
 """The wire: parsing client frames and encoding server frames. No I/O.
 
-Multiplexed mode speaks JSON text frames (see the README's protocol section); raw mode
+Multiplexed mode speaks JSON text frames (see docs/protocol.md); raw mode
 passes frames through verbatim. Every parse failure is a :class:`ProtocolError` whose
 ``error`` code clients can match on.
 """

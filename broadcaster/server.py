@@ -190,7 +190,7 @@ def warn_if_unauthenticated(settings: Settings) -> None:
             "unauthenticated_bind",
             host=settings.host,
             detail="anyone who can reach this address may publish and subscribe; set "
-            "BROADCASTER_PUBLISH_TOKENS and a JWT key (see the README's Security section)",
+            "BROADCASTER_PUBLISH_TOKENS and a JWT key (see docs/security.md)",
         )
 
 

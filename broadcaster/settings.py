@@ -404,7 +404,7 @@ class Settings(BaseSettings):
         if module is None or not parts.hostname:
             raise ValueError("use memory, redis://HOST:PORT[/DB] or nats://HOST:PORT")
         if importlib.util.find_spec(module) is None:
-            raise ValueError(f"{parts.scheme}:// needs pip install 'broadcaster[{module}]'")
+            raise ValueError(f"{parts.scheme}:// needs pip install 'broadcaster-ws[{module}]'")
         return url
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ Start a server, subscribe to two topics, and publish to one of them from another
     .venv/bin/python examples/subscriber.py news sport
     .venv/bin/python examples/publisher.py --topic news --count 5
 
-It runs on :class:`broadcaster.client.Client` (``pip install 'broadcaster[client]'``), which
+It runs on :class:`broadcaster.client.Client` (``pip install 'broadcaster-ws[client]'``), which
 speaks the multiplexed protocol of ``GET /ws``. Each message prints as ``[topic #seq] data``.
 Stop the server and start it again, or cut the network: the client reconnects with jittered
 backoff and subscribes with ``since`` its last ``(epoch, seq)`` per topic, so the server

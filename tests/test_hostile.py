@@ -40,7 +40,7 @@ from tests.support import (
     wait_until,
 )
 
-# The error codes the README documents for a frame the parser cannot take.
+# The error codes docs/protocol.md documents for a frame the parser cannot take.
 PARSE_ERRORS = {
     "binary_frame",
     "invalid_json",

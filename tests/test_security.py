@@ -236,9 +236,10 @@ def test_an_open_server_on_a_public_address_warns_at_start(
 
 
 def production_environment(key_file: Path) -> dict[str, str]:
-    """The README's recommended production variables, with this test's secrets filled in."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("### Recommended production configuration", 1)[1]
+    """The security page's recommended production variables, with this test's secrets filled
+    in."""
+    page = (Path(__file__).parents[1] / "docs" / "security.md").read_text()
+    section = page.split("## Recommended production configuration", 1)[1]
     block = section.split("```sh\n", 1)[1].split("```", 1)[0]
     filled = {
         "BROADCASTER_HOST": "127.0.0.1",
@@ -249,10 +250,10 @@ def production_environment(key_file: Path) -> dict[str, str]:
     return {k: filled.get(k, v) for k, v in variables.items() if k.startswith("BROADCASTER_")}
 
 
-async def test_the_readme_production_configuration_refuses_every_unauthenticated_try(
+async def test_the_documented_production_configuration_refuses_every_unauthenticated_try(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Configured as the README advises, the server refuses anonymous publishing and
+    """Configured as the security page advises, the server refuses anonymous publishing and
     subscribing, foreign origins, client publishing, floods and handshake storms, while a
     client with a valid JWT receives what a publish token holder publishes."""
     private_key = ec.generate_private_key(ec.SECP256R1())

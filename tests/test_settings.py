@@ -346,7 +346,7 @@ def test_a_broker_without_its_client_library_names_the_extra(
     monkeypatch.setenv("BROADCASTER_BACKPLANE", "nats://127.0.0.1:4222")
     assert describe_errors(settings_error()) == [
         "BROADCASTER_BACKPLANE='nats://127.0.0.1:4222': "
-        "Value error, nats:// needs pip install 'broadcaster[nats]'"
+        "Value error, nats:// needs pip install 'broadcaster-ws[nats]'"
     ]
 
 

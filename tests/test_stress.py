@@ -268,7 +268,7 @@ def test_cli_without_the_extra_says_what_to_install(monkeypatch: pytest.MonkeyPa
         monkeypatch.delitem(sys.modules, name)
     result = CliRunner().invoke(cli, ["stress", "--spawn"])
     assert result.exit_code == 2
-    assert "install broadcaster[stress]" in result.output
+    assert "install broadcaster-ws[stress]" in result.output
 
 
 async def test_cli_needs_the_admin_token_of_a_server_that_has_one() -> None:

@@ -381,8 +381,10 @@ class Thresholds:
         max_rss_mib: the spawned server's peak RSS.
         require_stalled_closed: every stalled client must have been closed with 1013.
         max_server_errors: lines the spawned server may log at error level.
-        max_lost, max_duplicates, max_out_of_order: messages reconnecting clients may miss,
-            get twice, or get after a later one, over them all.
+        max_lost: messages reconnecting clients may miss, over them all.
+        max_duplicates: messages reconnecting clients may get twice, over them all.
+        max_out_of_order: messages reconnecting clients may get after a later one, over them
+            all.
         require_recovered: every resume of a reconnecting client must say recovered: true,
             and every reconnecting client of a topic must see one identical sequence.
     """

@@ -98,8 +98,13 @@ class Scenario:
             ``broadcaster serve`` does (the benchmarks' baseline server does too).
         mode: receivers on raw ``/ws/{topic}`` or multiplexed ``/ws``.
         via: the publisher's WebSocket (in ``mode``) or ``POST /publish/{topic}``.
-        fast, slow, stalled, churn, reconnect: clients of each kind, spread over the topics in
-            turn.
+        fast: clients that read everything, spread over the topics in turn (as are the
+            other kinds).
+        slow: clients that read ``slow_rate`` messages a second.
+        stalled: clients that stop reading.
+        churn: clients that connect, stay up to ``churn_stay`` seconds and leave, again and
+            again.
+        reconnect: clients that drop their connection now and then and resume.
         reconnect_every: the shortest and longest a reconnecting client stays connected
             before it drops the connection (a TCP reset, no close frame) and resumes.
         slow_rate: messages a second a slow client reads.
