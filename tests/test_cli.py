@@ -115,3 +115,32 @@ def test_a_misspelt_variable_is_warned_about_at_start() -> None:
         "BROADCASTER_QUEU_MAX_MESSAGES",
         "BROADCASTER_QUEUE_MAX_MESSAGES",
     )
+
+
+def test_the_startup_line_shows_the_settings_applied_with_secrets_masked() -> None:
+    """`server_starting` names every setting as applied, so an operator can confirm a limit,
+    and never a token."""
+    token = "t" * 24
+    env = {
+        **os.environ,
+        "BROADCASTER_LOG_FORMAT": "json",
+        "BROADCASTER_QUEUE_MAX_MESSAGES": "7",
+        "BROADCASTER_PUBLISH_TOKENS": token,
+    }
+    with subprocess.Popen(
+        [*SERVE, "--port", "0"], env=env, stderr=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            assert process.stderr is not None
+            line = process.stderr.readline()
+        finally:
+            process.terminate()
+            process.wait(30)
+            assert process.stderr is not None
+            process.stderr.close()
+    first = json.loads(line)
+    assert first["event"] == "server_starting"
+    assert first["settings"]["queue_max_messages"] == 7
+    assert first["settings"]["overflow"] == "drop_oldest"
+    assert first["settings"]["publish_tokens"] == ["**********"]
+    assert token not in line
