@@ -218,29 +218,39 @@ async def test_keepalive_comments_are_sent_each_ping_interval() -> None:
         ]
 
 
+# A server that drops a stream as soon as its client falls a few messages behind.
+DROPS_SLOW_STREAMS = Settings(
+    log_format="json",
+    overflow=Overflow.DISCONNECT,
+    queue_max_messages=4,
+    socket_send_buffer=4608,
+)
+
+
+async def overflowed_stream(live: LiveServer, topic: str) -> socket.socket:
+    """Open ``/sse/{topic}`` on a socket that reads nothing, and publish until the server
+    has dropped it as a slow consumer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", live.port))
+    sock.sendall(f"GET /sse/{topic} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+    await wait_until(lambda: live.broadcaster.hub.statistics().topics.get(topic) == 1)
+    totals = live.broadcaster.metrics.totals
+    async with httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http:
+        for _ in range(2000):
+            await http.post(f"/publish/{topic}", content="x" * 16_000)
+            if totals.slow_consumers["queue_full"]:
+                break
+    assert totals.slow_consumers["queue_full"] == 1
+    return sock
+
+
 async def test_a_slow_stream_is_dropped_by_policy_and_told_why() -> None:
     """A client that stops reading fills its outbox; the disconnect policy drops it with 1013,
     and what it reads afterwards ends with a close event that says so."""
-    settings = Settings(
-        log_format="json",
-        overflow=Overflow.DISCONNECT,
-        queue_max_messages=4,
-        socket_send_buffer=4608,
-    )
-    async with running_server(settings) as live:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", live.port))
+    async with running_server(DROPS_SLOW_STREAMS) as live:
+        sock = await overflowed_stream(live, "slow")
         reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
-        writer.write(b"GET /sse/slow HTTP/1.1\r\nHost: test\r\n\r\n")
-        await wait_until(lambda: live.broadcaster.hub.statistics().topics.get("slow") == 1)
-        totals = live.broadcaster.metrics.totals
-        async with httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http:
-            for _ in range(2000):
-                await http.post("/publish/slow", content="x" * 16_000)
-                if totals.slow_consumers["queue_full"]:
-                    break
-        assert totals.slow_consumers["queue_full"] == 1
         # The body is chunked: the close event is the last chunk before the terminating one.
         received = bytearray()
         with anyio.fail_after(10):
@@ -256,26 +266,10 @@ async def test_a_client_that_never_reads_is_dropped_without_an_error_line(
 ) -> None:
     """A client that stops reading for good cannot take the close event: once it is dropped
     by policy, its connection is cut rather than held, and nothing is logged as an error."""
-    settings = Settings(
-        log_format="json",
-        overflow=Overflow.DISCONNECT,
-        queue_max_messages=4,
-        socket_send_buffer=4608,
-    )
-    async with running_server(settings) as live:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", live.port))
-        sock.sendall(b"GET /sse/stuck HTTP/1.1\r\nHost: test\r\n\r\n")
-        await wait_until(lambda: live.broadcaster.hub.statistics().topics.get("stuck") == 1)
-        totals = live.broadcaster.metrics.totals
+    async with running_server(DROPS_SLOW_STREAMS) as live:
+        sock = await overflowed_stream(live, "stuck")
+        await wait_until(lambda: live.broadcaster.connections == 0, deadline=20)
         async with httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http:
-            for _ in range(2000):
-                await http.post("/publish/stuck", content="x" * 16_000)
-                if totals.slow_consumers["queue_full"]:
-                    break
-            assert totals.slow_consumers["queue_full"] == 1
-            await wait_until(lambda: live.broadcaster.connections == 0, deadline=20)
             assert (await http.get("/healthz")).json()["connections"] == 0
         sock.close()
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
