@@ -304,7 +304,7 @@ class Connection:
                         await self._publish_acked(command, command.id)
                 except BackplaneDown as error:
                     self._totals.refused["backplane_down"] += 1
-                    refusal = ProtocolError("backplane_down", str(error), command.id)
+                    refusal = ProtocolError("backplane_down", str(error), command.id, command.topic)
                     self.outbox.offer(error_frame(refusal))
             elif isinstance(command, Subscribe):
                 self._subscribing = True
@@ -331,7 +331,8 @@ class Connection:
             self.outbox.offer(ack_frame(ack, topic, outcome.epoch, outcome.seq))
         elif outcome is not None:
             self._totals.refused["backplane_down"] += 1
-            self.outbox.offer(error_frame(ProtocolError("backplane_down", str(outcome), ack)))
+            refusal = ProtocolError("backplane_down", str(outcome), ack, topic)
+            self.outbox.offer(error_frame(refusal))
 
     def _check_rate(self, limits: tuple[TokenBucket, TokenBucket], message: str | bytes) -> None:
         """Hold the client to the message size and its messages and bytes a second.
@@ -366,12 +367,13 @@ class Connection:
         if isinstance(command, Publish):
             if not self._client_publish:
                 detail = "this server takes no client publishes"
-                raise ProtocolError("publish_disabled", detail, command.id)
+                raise ProtocolError("publish_disabled", detail, command.id, command.topic)
             if not self._grant.publish.matches(command.topic):
                 detail = "the token does not allow publishing here"
-                raise ProtocolError("forbidden_topic", detail, command.id)
+                raise ProtocolError("forbidden_topic", detail, command.id, command.topic)
         elif isinstance(command, Subscribe) and not self._grant.subscribe.matches(command.topic):
-            raise ProtocolError("forbidden_topic", "the token does not allow this topic")
+            detail = "the token does not allow this topic"
+            raise ProtocolError("forbidden_topic", detail, topic=command.topic)
 
     async def _receive_before_idle_timeout(self) -> str | bytes | None:
         # A multiplexed connection with no subscription that sends nothing for the idle

@@ -62,13 +62,18 @@ class ProtocolError(BroadcasterError):
         error: a stable snake_case code for clients to match on.
         detail: a sentence for humans.
         id: the ``id`` of the publish it refuses, when the client asked for an ack.
+        topic: the topic of the command it refuses, when the command named a valid one, so
+            that a client with several subscribes or publishes in flight knows which failed.
     """
 
-    def __init__(self, error: str, detail: str, id: str | int | None = None) -> None:
+    def __init__(
+        self, error: str, detail: str, id: str | int | None = None, topic: str | None = None
+    ) -> None:
         super().__init__(f"{error}: {detail}")
         self.error = error
         self.detail = detail
         self.id = id
+        self.topic = topic
 
 
 class HubBusy(BroadcasterError):

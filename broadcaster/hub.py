@@ -437,7 +437,8 @@ class Hub:
         # Counted here, where the subscriptions are known exactly, and answered in order.
         if name not in subscriber.topics and len(subscriber.topics) >= self._max_subscriptions:
             detail = f"a connection subscribes to at most {self._max_subscriptions} topics"
-            subscriber.outbox.offer(error_frame(ProtocolError("too_many_subscriptions", detail)))
+            refusal = ProtocolError("too_many_subscriptions", detail, topic=name)
+            subscriber.outbox.offer(error_frame(refusal))
             return
         if self._sequencer is not None:
             self._subscribe_shared(subscriber, command, self._sequencer)

@@ -233,12 +233,15 @@ def _publish(message: dict[str, Any]) -> Publish:
 
 def _subscribe(topic: str, message: dict[str, Any]) -> Subscribe:
     since, last = message.get("since"), message.get("last")
-    if since is not None and last is not None:
-        raise ProtocolError("invalid_since", "give 'since' or 'last', not both")
-    if since is not None:
-        return Subscribe(topic, since=parse_position(since))
-    if last is not None:
-        return Subscribe(topic, last=parse_count(last, "last", "invalid_last"))
+    try:
+        if since is not None and last is not None:
+            raise ProtocolError("invalid_since", "give 'since' or 'last', not both")
+        if since is not None:
+            return Subscribe(topic, since=parse_position(since))
+        if last is not None:
+            return Subscribe(topic, last=parse_count(last, "last", "invalid_last"))
+    except ProtocolError as error:
+        raise ProtocolError(error.error, error.detail, topic=topic) from None
     return Subscribe(topic)
 
 
@@ -350,11 +353,14 @@ def history_body(
 
 
 def error_frame(error: ProtocolError) -> Frame:
-    """Encode the frame that answers a bad client frame (with the ``id`` of a publish that
-    asked for an ack)."""
+    """Encode the frame that answers a bad client frame, with the ``id`` of a publish that
+    asked for an ack and the topic of the command refused, when there are."""
+    named: dict[str, str | int] = {}
     if error.id is not None:
-        return control_frame("error", id=error.id, error=error.error, detail=error.detail)
-    return control_frame("error", error=error.error, detail=error.detail)
+        named["id"] = error.id
+    if error.topic is not None:
+        named["topic"] = error.topic
+    return control_frame("error", **named, error=error.error, detail=error.detail)
 
 
 def ack_frame(ack: str | int, topic: str, epoch: str, seq: int) -> Frame:

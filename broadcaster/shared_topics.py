@@ -80,7 +80,7 @@ def begin(
         return True
     del topic.pending[subscriber]
     detail = "the broker is not keeping up; subscribe again shortly"
-    subscriber.outbox.offer(error_frame(ProtocolError("backplane_busy", detail)))
+    subscriber.outbox.offer(error_frame(ProtocolError("backplane_busy", detail, topic=topic.name)))
     return False
 
 
@@ -142,7 +142,7 @@ def finish(topic: Topic, subscriber: Subscriber, command: RecoveredCommand) -> b
     outbox, mode, name = subscriber.outbox, subscriber.mode, command.topic
     if command.error is not None:
         if mode is Mode.MUX:
-            outbox.offer(error_frame(ProtocolError("backplane_down", command.error)))
+            outbox.offer(error_frame(ProtocolError("backplane_down", command.error, topic=name)))
         return False
     outcome, entries = command.outcome, command.entries
     if buffered is None and outcome is not None:

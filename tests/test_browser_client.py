@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any
+from unittest.mock import ANY
 
 import anyio
 import httpx
@@ -336,7 +337,8 @@ async def test_refused_publishes_reject_and_a_forbidden_subscribe_is_reported(
     browser: Browser,
 ) -> None:
     """A publish the token does not grant rejects with the server's error, one it grants
-    resolves, and a subscribe it does not grant is reported with its topic and dropped."""
+    resolves with its position, and a subscribe it does not grant is reported with its topic
+    and dropped."""
     settings = Settings(jwt_secret=JWT_SECRET, log_format="json")
     async with running_server(settings) as live:
         page = await browser.new_page()
@@ -346,13 +348,13 @@ async def test_refused_publishes_reject_and_a_forbidden_subscribe_is_reported(
         outcomes = await page.evaluate(
             """async () => {
               const client = window.follower.client;
-              const outcome = (promise) => promise.then(() => "ok", (error) => error.code);
+              const outcome = (promise) => promise.then((receipt) => receipt, (e) => e.code);
               const refused = outcome(client.publish("chat", "not mine"));
               const taken = outcome(client.publish("news", "mine"));
               return [await refused, await taken];
             }"""
         )
-        assert outcomes == ["forbidden_topic", "ok"]
+        assert outcomes == ["forbidden_topic", {"topic": "news", "epoch": ANY, "seq": 1}]
         await wait_page(page, "() => window.follower.seen.length === 1")
         await page.evaluate("window.follower.client.subscribe('secret', () => {})")
         await wait_page(page, "() => window.follower.errors.length === 1")

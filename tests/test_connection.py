@@ -132,9 +132,10 @@ def subscribed(topic: str, seq: int = 0) -> dict[str, Any]:
     return {"op": "subscribed", "topic": topic, "epoch": ANY, "seq": seq}
 
 
-def error(code: str) -> dict[str, str]:
-    """Match an error frame by its code, whatever its detail."""
-    return {"op": "error", "error": code, "detail": ANY}
+def error(code: str, topic: str | None = None) -> dict[str, str]:
+    """Match an error frame by its code and the topic it names, whatever its detail."""
+    named = {} if topic is None else {"topic": topic}
+    return {"op": "error", **named, "error": code, "detail": ANY}
 
 
 async def test_a_flood_larger_than_the_mailbox_waits_for_room_and_loses_nothing() -> None:
@@ -300,9 +301,9 @@ async def test_a_multiplexed_client_gets_error_frames_outside_its_grant() -> Non
     ]
     async with running_hub() as hub:
         assert await answers(socket, hub, frames, grant=grant) == [
-            error("forbidden_topic"),
+            error("forbidden_topic", "b"),
             subscribed("a.x"),
-            error("forbidden_topic"),
+            error("forbidden_topic", "a.y"),
             {"topic": "a.x", "seq": 1, "data": 2},
         ]
 
@@ -314,7 +315,7 @@ async def test_client_publishing_switched_off_answers_publish_disabled() -> None
     async with running_hub() as hub:
         settings = Settings(client_publish=False)
         assert await answers(socket, hub, frames, settings=settings) == [
-            error("publish_disabled"),
+            error("publish_disabled", "t"),
             subscribed("t"),
         ]
 
@@ -334,7 +335,7 @@ async def test_subscriptions_past_the_limit_are_refused_until_one_is_dropped() -
         assert await answers(socket, hub, frames) == [
             subscribed("a"),
             subscribed("b"),
-            error("too_many_subscriptions"),
+            error("too_many_subscriptions", "c"),
             subscribed("a"),
             {"op": "unsubscribed", "topic": "a"},
             subscribed("c"),

@@ -481,6 +481,13 @@ def test_bad_since_and_last_are_rejected(fields: str, code: str) -> None:
         parse_frame('{"op":"subscribe","topic":"t",' + fields + "}")
     assert raised.value.error == code
     assert raised.value.detail
+    assert raised.value.topic == "t"
+    assert json.loads(error_frame(raised.value).data) == {
+        "op": "error",
+        "topic": "t",
+        "error": code,
+        "detail": raised.value.detail,
+    }
 
 
 @pytest.mark.parametrize("text", ["", "-1", "1.0", "abc", "\u0661", "9" * 19, "1" * 20, " 1"])

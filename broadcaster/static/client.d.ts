@@ -6,6 +6,13 @@ export interface Position {
   seq: number;
 }
 
+/** Where a published message went: its topic's epoch and its seq in it. */
+export interface Receipt {
+  topic: string;
+  epoch: string;
+  seq: number;
+}
+
 /** What comes with each message. */
 export interface Meta {
   topic: string;
@@ -65,7 +72,8 @@ export class BroadcasterError extends Error {
    * `connection_lost`, `handler_failed`). */
   readonly code: string;
   readonly detail: string;
-  /** The topic of a refused subscribe, which the client stops following. */
+  /** The topic of the command refused; after a refused subscribe, the client stops
+   * following it. */
   topic: string | null;
 }
 
@@ -73,7 +81,8 @@ export class Client {
   constructor(url: string, options?: Options);
   readonly state: State;
   subscribe<T = unknown>(topic: string, handler: Handler<T>, options?: SubscribeOptions): Subscription;
-  publish(topic: string, data: unknown): Promise<void>;
+  /** Resolves with the position the server gave the message. */
+  publish(topic: string, data: unknown): Promise<Receipt>;
   on(event: "state", listener: (state: State, detail: StateDetail) => void): () => void;
   on(event: "gap", listener: (gap: Gap) => void): () => void;
   on(event: "error", listener: (error: BroadcasterError) => void): () => void;

@@ -20,9 +20,8 @@
 const TOPIC = /^[A-Za-z0-9_.:-]{1,128}$/;
 // The close that means the token is no longer good: reconnecting with it would be refused.
 const TOKEN_EXPIRED = { code: 1008, reason: "token expired" };
-// The errors that refuse a subscribe, and those that refuse a publish.
+// The errors that refuse a subscribe: the client stops following its topic.
 const SUBSCRIBE_ERRORS = new Set(["forbidden_topic", "too_many_subscriptions"]);
-const PUBLISH_ERRORS = new Set(["forbidden_topic", "publish_disabled", "backplane_down"]);
 // Replays of one gap that may come back short before the client gives up on filling it: a
 // replay larger than the room the server's outbox has for this client is cut short each time.
 const MAX_FILLS = 3;
@@ -48,6 +47,8 @@ export class Client {
   #timer = null; // the pending reconnect or keepalive ping
   #pongs = []; // what waits for each ping's pong, in the order the pings were sent
   #waiting = []; // publishes waiting for a connection
+  #acks = new Map(); // publish id -> the publish sent with it, until its ack or error
+  #lastId = 0;
 
   constructor(url, options = {}) {
     this.#url = url;
@@ -88,14 +89,13 @@ export class Client {
     };
   }
 
-  /** Publish a JSON value to `topic`; resolves once the server has taken it, rejects if it
-   * refused it or if the connection was lost before it answered (the message may or may not
-   * have gone out: it is not sent again). */
+  /** Publish a JSON value to `topic`; resolves with its position ({topic, epoch, seq}) once
+   * the server has numbered it, rejects if it refused it or if the connection was lost
+   * before it answered (the message may or may not have gone out: it is not sent again). */
   publish(topic, data) {
     checkTopic(topic);
-    const frame = JSON.stringify({ op: "publish", topic, data });
     return new Promise((resolve, reject) => {
-      const publish = { frame, resolve, reject };
+      const publish = { topic, data, resolve, reject };
       if (this.#state === "closed") {
         reject(new BroadcasterError("closed", "the client is closed"));
       } else if (this.#state === "connected") {
@@ -203,6 +203,8 @@ export class Client {
         return this.#subscribed(item);
       case "pong":
         return this.#pongs.shift()?.answered();
+      case "ack":
+        return this.#acked(item);
       case "error":
         return this.#error(item);
       default:
@@ -258,22 +260,26 @@ export class Client {
     }
   }
 
+  #acked(item) {
+    const publish = this.#acks.get(item.id);
+    if (publish === undefined) return;
+    this.#acks.delete(item.id);
+    publish.resolve({ topic: item.topic, epoch: item.epoch, seq: item.seq });
+  }
+
   #error(item) {
     const error = new BroadcasterError(item.error, item.detail);
-    // An error frame does not say which command it answers, and it is sent at once, ahead
-    // of answers to earlier commands. One that refuses subscribes goes to a subscribe still
-    // waiting for its answer; one that refuses publishes, to the oldest publish waiting.
-    const subscribe = [...this.#topics.values()].find((entry) => entry.pending);
-    if (SUBSCRIBE_ERRORS.has(item.error) && subscribe !== undefined) {
-      error.topic = subscribe.name;
-      this.#topics.delete(subscribe.name);
-    } else if (PUBLISH_ERRORS.has(item.error)) {
-      const index = this.#pongs.findIndex((pong) => pong.publish !== undefined);
-      if (index >= 0) {
-        const [pong] = this.#pongs.splice(index, 1, { answered() {} });
-        pong.publish.reject(error);
-        return;
-      }
+    // An error frame names the publish it refuses by its id, and the subscribe by its topic.
+    const publish = this.#acks.get(item.id);
+    if (publish !== undefined) {
+      this.#acks.delete(item.id);
+      publish.reject(error);
+      return;
+    }
+    const entry = this.#topics.get(item.topic);
+    if (entry !== undefined) {
+      error.topic = entry.name;
+      if (entry.pending && SUBSCRIBE_ERRORS.has(item.error)) this.#topics.delete(entry.name);
     }
     this.#emit("error", error);
   }
@@ -329,15 +335,18 @@ export class Client {
     this.#send({ op: "unsubscribe", topic: entry.name });
   }
 
+  // Publish with an id: the server answers it with an ack (the message's position) or an
+  // error frame carrying the same id.
   #sendPublish(publish) {
-    this.#socket.send(publish.frame);
-    this.#ping(() => publish.resolve(), publish);
+    const id = ++this.#lastId;
+    this.#acks.set(id, publish);
+    this.#send({ op: "publish", topic: publish.topic, data: publish.data, id });
   }
 
   // Send a ping and call `answered` on its pong. A ping also goes pingInterval after the
   // last one, and a connection that leaves one unanswered that long is closed.
-  #ping(answered, publish) {
-    this.#pongs.push({ answered, publish });
+  #ping(answered) {
+    this.#pongs.push({ answered });
     this.#send({ op: "ping" });
     this.#keepalive();
   }
@@ -362,9 +371,12 @@ export class Client {
     return true;
   }
 
-  // Fail what waits on the lost connection's pongs.
+  // Forget the lost connection's pongs, and fail the publishes it had not answered: the
+  // server may or may not have published them.
   #lose(error) {
-    for (const pong of this.#pongs.splice(0)) pong.publish?.reject(error);
+    this.#pongs.splice(0);
+    for (const publish of this.#acks.values()) publish.reject(error);
+    this.#acks.clear();
   }
 
   #rejectWaiting(error) {
