@@ -1,37 +1,33 @@
-"""The FastAPI face: routes, the hub's lifespan, and ``create_app``.
+"""The FastAPI face: :class:`Broadcaster`, the hub's lifespan and its connections, and
+``create_app``.
 
-This is the only module that imports FastAPI. :class:`Broadcaster` holds one hub and the
-routes that reach it, so it can be mounted into an existing app as well as served alone.
+With :mod:`broadcaster.routes`, the only module that imports FastAPI. :class:`Broadcaster`
+holds one hub and the routes that reach it, so it can be mounted into an existing app as well
+as served alone.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
 from functools import partial
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, WebSocket
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import JSONResponse
 from starlette.requests import HTTPConnection
-from starlette.routing import Route
 from starlette.websockets import WebSocketDisconnect
 
 from broadcaster.auth import Authenticator, Grant, origin_allowed
 from broadcaster.backplane import NODE_ID_BYTES, open_backplane
 from broadcaster.backplane.bridge import Bridge
 from broadcaster.connection import Connection
-from broadcaster.dashboard import check_admin, page, slowest, snapshot, stream
 from broadcaster.errors import (
     RETRY,
-    BackplaneDown,
     Flooding,
-    HubStopped,
     ProtocolError,
     Refused,
 )
@@ -39,16 +35,15 @@ from broadcaster.http_gate import flooding
 from broadcaster.hub import Hub
 from broadcaster.log import get_logger
 from broadcaster.mailbox import Source
-from broadcaster.metrics import CONTENT_TYPE_LATEST, Metrics
+from broadcaster.metrics import Metrics
 from broadcaster.policy import AddressLimiter, PenaltyBox
 from broadcaster.protocol import (
     Payload,
-    history_body,
-    parse_history_query,
     parse_query_count,
     validate_topic,
 )
 from broadcaster.publishing import HTTPPublish
+from broadcaster.routes import refusal, routes
 from broadcaster.settings import MEMORY, Settings
 from broadcaster.sse import EventStream, resume_point
 from broadcaster.stream import History
@@ -63,9 +58,6 @@ if TYPE_CHECKING:
     from broadcaster.connection import Socket
     from broadcaster.protocol import Frame
     from broadcaster.writer import Lane
-
-# The browser client, its type declarations and the page at /.
-STATIC = Path(__file__).parent / "static"
 
 
 class _StarletteSocket:
@@ -163,15 +155,15 @@ class Broadcaster:
         self.writer = Writer(settings.send_timeout)
         self.draining = False
         self._drain_asked = anyio.Event()
-        self._drained = anyio.Event()
+        self.drained = anyio.Event()
         self._on_drained: Callable[[], None] = lambda: None
         self._on_hub_failure = on_hub_failure
         self._log = get_logger("broadcaster.connection")
-        self._auth = Authenticator(settings)
+        self.auth = Authenticator(settings)
         self._handshakes = AddressLimiter(
             settings.max_handshakes_per_second, settings.handshake_addresses
         )
-        self.publishing = HTTPPublish(self.hub, self._auth, settings, self.count_refusal)
+        self.publishing = HTTPPublish(self.hub, self.auth, settings, self.count_refusal)
         # Addresses whose connection was closed for flooding, refused for FLOOD_PENALTY: by
         # the server's HTTP gate as they connect, and here for servers without one.
         self.penalties = PenaltyBox(settings.flood_penalty, settings.handshake_addresses)
@@ -180,7 +172,7 @@ class Broadcaster:
         self._open = 0
         # Open SSE streams, to end when a drain has flushed them.
         self._streams: set[EventStream] = set()
-        self.router = self._routes()
+        self.router = routes(self)
 
     @property
     def connections(self) -> int:
@@ -226,7 +218,7 @@ class Broadcaster:
         # for instead, so SSE streams end here.
         for events in self._streams:
             events.stop()
-        self._drained.set()
+        self.drained.set()
         self._on_drained()
 
     async def publish(self, topic: str, data: Any) -> None:
@@ -262,7 +254,7 @@ class Broadcaster:
             last = self._raw_last(websocket, topic)
         except Refused as refused:
             self.count_refusal(refused, peer)
-            await websocket.send_denial_response(_refusal(refused))
+            await websocket.send_denial_response(refusal(refused))
             return
         socket = _StarletteSocket(websocket)
         await self._connect(socket, websocket.accept, topic, grant, last, websocket.client)
@@ -280,7 +272,7 @@ class Broadcaster:
                 raise Refused(400, error.error, error.detail) from None
         except Refused as refused:
             self.count_refusal(refused, peer)
-            await _refusal(refused)(scope, receive, send)
+            await refusal(refused)(scope, receive, send)
             return
         events = EventStream(
             scope,
@@ -332,16 +324,6 @@ class Broadcaster:
         if isinstance(closing, Flooding) and client is not None:
             self.penalties.punish(client.host, time.monotonic())
 
-    def _admin(self, request: HTTPConnection) -> Response | None:
-        """The refusal of a request for an operators' view, ``None`` to serve it."""
-        host = request.client.host if request.client else ""
-        try:
-            check_admin(self.settings.admin_token, request.headers, request.query_params, host)
-        except Refused as refused:
-            self.count_refusal(refused, f"{host}:{request.client.port}" if request.client else None)
-            return _refusal(refused)
-        return None
-
     def _admit(self, connection: HTTPConnection, topic: str | None) -> Grant:
         """Decide, before accepting, whether a handshake may open a connection.
 
@@ -369,7 +351,7 @@ class Broadcaster:
                 validate_topic(topic)
             except ProtocolError as error:
                 raise Refused(400, error.error, error.detail) from None
-        grant = self._auth.handshake(connection.headers, connection.query_params)
+        grant = self.auth.handshake(connection.headers, connection.query_params)
         if topic is not None and not grant.subscribe.matches(topic):
             raise Refused(403, "forbidden_topic", "the token does not allow this topic")
         return grant
@@ -389,33 +371,6 @@ class Broadcaster:
         except ProtocolError as error:
             raise Refused(400, error.error, error.detail) from None
 
-    async def _history(self, topic: str, request: Request) -> Response:
-        """Answer ``GET /history/{topic}``; the caller has checked the grant.
-
-        Raises:
-            HTTPException: 400 on a bad parameter, 503 when the hub is not running or the
-                broker that keeps a shared history is down.
-        """
-        try:
-            since, limit = parse_history_query(request.query_params, self.settings.recovery_max)
-        except ProtocolError as error:
-            raise HTTPException(400, {"error": error.error, "detail": error.detail}) from None
-        if self.bridge is not None and self.bridge.sequenced:
-            try:
-                position, shared, entries = await self.bridge.page(topic, since, limit)
-            except BackplaneDown as error:
-                raise HTTPException(503, str(error), RETRY) from None
-            envelopes = [payload.envelope(topic, seq) for seq, payload in entries]
-            return Response(
-                history_body(topic, position, shared, envelopes), media_type="application/json"
-            )
-        try:
-            position, recovered, frames = self.hub.history(topic, since, limit)
-        except HubStopped:
-            raise HTTPException(503, "the hub is not running") from None
-        body = history_body(topic, position, None if since is None else recovered, frames)
-        return Response(body, media_type="application/json")
-
     def count_refusal(self, refused: Refused, peer: str | None) -> None:
         """Count a refused request or connection, and log it at debug level.
 
@@ -425,159 +380,6 @@ class Broadcaster:
         """
         self.metrics.totals.refused[refused.error] += 1
         self._log.debug("request_refused", peer=peer, status=refused.status, error=refused.error)
-
-    def _routes(self) -> APIRouter:
-        router = APIRouter()
-
-        # Plain Starlette routes: FastAPI's dependency solving would cost every one of
-        # thousands of idle connections a few KiB for nothing.
-        @router.websocket_route("/ws")
-        async def multiplexed(websocket: WebSocket) -> None:
-            await self.serve(websocket, None)
-
-        @router.websocket_route("/ws/{topic}")
-        async def raw(websocket: WebSocket) -> None:
-            await self.serve(websocket, websocket.path_params["topic"])
-
-        @router.post("/publish/{topic}")
-        async def publish(topic: str, request: Request) -> Response:
-            """Publish the body to ``topic``; answer with its receipt (see docs/protocol.md)."""
-            return await self.publishing.respond(topic, request.scope, request.receive)
-
-        @router.post("/publish")
-        async def publish_batch(request: Request) -> Response:
-            """Publish a batch: a JSON array or JSON lines of ``{"topic", "data"}`` items, or
-            ``{"topics": [...], "data"}`` broadcasts; answer with one result per item and
-            topic, in order (see the README)."""
-            return await self.publishing.respond_batch(request.scope, request.receive)
-
-        @router.get("/history/{topic}")
-        async def history(topic: str, request: Request) -> Response:
-            peer = f"{request.client.host}:{request.client.port}" if request.client else None
-            try:
-                validate_topic(topic)
-                grant = self._auth.handshake(request.headers, request.query_params)
-                if not grant.subscribe.matches(topic):
-                    raise Refused(403, "forbidden_topic", "the token does not allow this topic")
-            except ProtocolError as error:
-                raise HTTPException(400, {"error": error.error, "detail": error.detail}) from None
-            except Refused as refused:
-                self.count_refusal(refused, peer)
-                raise HTTPException(refused.status, refused.detail, refused.headers) from None
-            return await self._history(topic, request)
-
-        @router.get("/healthz")
-        async def healthz() -> JSONResponse:
-            stats = self.hub.statistics()
-            bridge = self.bridge.statistics() if self.bridge is not None else None
-            body = {
-                "status": "ok" if stats.running else "down",
-                "node": self.node.hex(),
-                "pid": os.getpid(),
-                "connections": stats.subscribers,
-                "backplane": None
-                if bridge is None
-                else {"up": bridge.up, "topics": bridge.subscribed},
-            }
-            return JSONResponse(body, 200 if stats.running else 503)
-
-        @router.get("/readyz")
-        async def readyz() -> JSONResponse:
-            if self.draining:
-                return JSONResponse({"status": "draining"}, 503)
-            if not self.hub.statistics().running:
-                return JSONResponse({"status": "down"}, 503)
-            if self.bridge is not None:
-                bridge = self.bridge.statistics()
-                if not bridge.up:
-                    body = {"status": "backplane_down", "detail": bridge.error or "connecting"}
-                    return JSONResponse(body, 503)
-            return JSONResponse({"status": "ready"})
-
-        @router.get("/topics")
-        async def topics(request: Request) -> Response:
-            """Each topic's subscriber count; needs the admin token."""
-            return self._admin(request) or JSONResponse(dict(self.hub.statistics().topics))
-
-        @router.get("/metrics")
-        async def metrics() -> Response:
-            return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-        client_js = (STATIC / "client.js").read_bytes()
-        client_types = (STATIC / "client.d.ts").read_bytes()
-
-        @router.get("/client.js", include_in_schema=False)
-        async def client() -> Response:
-            # Deno and other runtimes that load modules by URL find the types in this header.
-            types = {"X-TypeScript-Types": "./client.d.ts"}
-            return Response(client_js, media_type="text/javascript", headers=types)
-
-        @router.get("/client.d.ts", include_in_schema=False)
-        async def client_declarations() -> Response:
-            return Response(client_types, media_type="application/typescript; charset=utf-8")
-
-        if self.settings.demo:
-            index_html = (STATIC / "index.html").read_bytes()
-
-            @router.get("/", include_in_schema=False)
-            async def index() -> Response:
-                return HTMLResponse(index_html)
-
-        @router.get("/connections")
-        async def connections(
-            request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 20
-        ) -> Response:
-            """The connections holding the most queued bytes: who is slow right now; needs the
-            admin token."""
-            return self._admin(request) or JSONResponse(slowest(self.hub, limit))
-
-        @router.get("/dashboard")
-        async def dashboard(request: Request) -> Response:
-            """The live dashboard page; needs the admin token (``?token=`` in a browser)."""
-            refusal = self._admin(request)
-            return refusal or Response(page("dashboard.html"), media_type="text/html")
-
-        @router.get("/dashboard.js")
-        async def dashboard_script() -> Response:
-            """The dashboard page's script; it holds no data."""
-            return Response(page("dashboard.js"), media_type="text/javascript")
-
-        async def dashboard_events(scope: Scope, receive: Receive, send: Send) -> None:
-            refusal = self._admin(HTTPConnection(scope, receive))
-            if refusal is not None:
-                await refusal(scope, receive, send)
-                return
-            make = partial(snapshot, self.metrics.registry, self.hub, self.bridge)
-            await stream(receive, send, make, self.settings.send_timeout, self._drained)
-
-        async def events(scope: Scope, receive: Receive, send: Send) -> None:
-            await self.serve_events(scope, receive, send, scope["path_params"]["topic"])
-
-        # Plain ASGI endpoints: each streams for as long as its client stays.
-        router.routes.append(
-            Route("/dashboard/events", _Endpoint(dashboard_events), methods=["GET"])
-        )
-        router.routes.append(Route("/sse/{topic}", _Endpoint(events), methods=["GET"]))
-        return router
-
-
-class _Endpoint:
-    """An ASGI callable that Starlette's router serves as it is, rather than as a function
-    taking a request."""
-
-    __slots__ = ("_serve",)
-
-    def __init__(self, serve: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
-        self._serve = serve
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._serve(scope, receive, send)
-
-
-def _refusal(refused: Refused) -> JSONResponse:
-    """The JSON answer to a refused request."""
-    body = {"error": refused.error, "detail": refused.detail}
-    return JSONResponse(body, refused.status, headers=refused.headers)
 
 
 def create_app(

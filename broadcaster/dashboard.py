@@ -14,7 +14,6 @@ import hmac
 import ipaddress
 import json
 import time
-from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
 INTERVAL = 1.0
 # Connections listed in each snapshot, the slowest first.
 SLOWEST = 10
-STATIC = files("broadcaster") / "static"
 STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -146,8 +144,3 @@ async def stream(
                 pass  # the body of a GET, if any, means nothing
             return
     await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-def page(name: str) -> bytes:
-    """A file of the dashboard's page, from the package's ``static`` folder."""
-    return (STATIC / name).read_bytes()
