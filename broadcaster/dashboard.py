@@ -20,13 +20,14 @@ import anyio
 
 from broadcaster.auth import CHALLENGE, TOKEN_PARAMETER, bearer
 from broadcaster.errors import Refused
+from broadcaster.http_protocol import drop_connection
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
     from prometheus_client import CollectorRegistry
     from pydantic import SecretStr
-    from starlette.types import Receive, Send
+    from starlette.types import Receive, Scope, Send
 
     from broadcaster.backplane.bridge import Bridge
     from broadcaster.hub import Hub
@@ -123,6 +124,7 @@ def snapshot(registry: CollectorRegistry, hub: Hub, bridge: Bridge | None) -> di
 
 
 async def stream(
+    scope: Scope,
     receive: Receive,
     send: Send,
     make: Callable[[], dict[str, Any]],
@@ -138,6 +140,7 @@ async def stream(
         with anyio.move_on_after(send_timeout) as write:
             await send({"type": "http.response.body", "body": body, "more_body": True})
         if write.cancelled_caught:
+            await drop_connection(scope, receive)
             return
         with anyio.move_on_after(INTERVAL):
             while (await receive())["type"] != "http.disconnect":

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from broadcaster.errors import SERVER_REFUSAL, Refused
@@ -42,6 +43,7 @@ from broadcaster.http_gate import HTTPGate, HTTPLimits
 if TYPE_CHECKING:
     import asyncio
 
+    from starlette.types import Receive, Scope
     from uvicorn.config import Config
     from uvicorn.server import ServerState
 
@@ -57,10 +59,26 @@ FRAMING_PER_BODY_BYTE = 8
 # reading before its response could end: ``scope["extensions"][ABORT]["abort"]()``. Without
 # it, the app could only return with the response unfinished, which uvicorn logs as an error.
 ABORT = "broadcaster.abort"
+# Seconds a dropped connection may take to be seen gone by the server.
+DROP_TIMEOUT = 5.0
 # Seconds, and bytes read and dropped, after which a refused request's connection is closed
 # even though its client is still sending.
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 64 * 1024
+
+
+async def drop_connection(scope: Scope, receive: Receive) -> None:
+    """Drop the connection of a response that cannot end because its client stopped reading,
+    and return once the server has seen it gone: a response left unfinished on a live
+    connection is what uvicorn logs as an error. Servers without :data:`ABORT` are left to
+    deal with it themselves."""
+    abort = scope.get("extensions", {}).get(ABORT, {}).get("abort")
+    if abort is None:
+        return
+    abort()
+    with anyio.move_on_after(DROP_TIMEOUT):
+        while (await receive())["type"] != "http.disconnect":
+            pass
 
 
 def refusal_response(refused: Refused, default_headers: list[tuple[bytes, bytes]]) -> bytes:

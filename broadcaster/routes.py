@@ -153,7 +153,7 @@ def routes(live: Broadcaster) -> APIRouter:
             await refusal(scope, receive, send)
             return
         make = partial(snapshot, live.metrics.registry, live.hub, live.bridge)
-        await stream(receive, send, make, live.settings.send_timeout, live.drained)
+        await stream(scope, receive, send, make, live.settings.send_timeout, live.drained)
 
     async def events(scope: Scope, receive: Receive, send: Send) -> None:
         await live.serve_events(scope, receive, send, scope["path_params"]["topic"])

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 import anyio
 
 from broadcaster.errors import CloseCode, Closing, ProtocolError, ShuttingDown
-from broadcaster.http_protocol import ABORT
+from broadcaster.http_protocol import drop_connection
 from broadcaster.protocol import Position, parse_epoch, parse_query_count
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
 
     from starlette.types import Receive, Scope, Send
 
@@ -95,13 +95,13 @@ class EventStream:
     """
 
     __slots__ = (
-        "_abort",
         "_complete",
         "_ended",
         "_epoch",
         "_interval",
         "_prefix",
         "_receive",
+        "_scope",
         "_send",
         "_stopped",
         "_subscribe",
@@ -136,10 +136,7 @@ class EventStream:
         self._ended = False
         # The response has ended on the wire, as HTTP requires.
         self._complete = False
-        # Drops the connection; given by servers of ours (see broadcaster.http_protocol).
-        self._abort: Callable[[], None] | None = (
-            scope.get("extensions", {}).get(ABORT, {}).get("abort")
-        )
+        self._scope = scope
         # Why the server ends the stream, once it has decided to (see stop).
         self._stopped: Closing | None = None
         # The wait for the client's next message, which stop() cuts short.
@@ -188,13 +185,8 @@ class EventStream:
             if self._stopped is not None:
                 await self.close(self._stopped.code, self._stopped.reason)
             await self._end(b"")
-        if not self._complete and self._abort is not None:
-            self._abort()
-            # Return once the server has seen the connection gone, not before: a response
-            # left unfinished on a live connection is what it logs as an error.
-            with anyio.move_on_after(FINISH_TIMEOUT):
-                while (await self._receive())["type"] != "http.disconnect":
-                    pass
+        if not self._complete:
+            await drop_connection(self._scope, self._receive)
 
     def _event(self, frame: Frame) -> bytes:
         data = frame.data
