@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import time
-import uuid
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -309,7 +308,7 @@ class Broadcaster:
     ) -> None:
         """Accept an admitted connection and run it until it ends."""
         peer = f"{client.host}:{client.port}" if client else None
-        conn_id = uuid.uuid4().hex[:12]
+        conn_id = secrets.token_hex(6)
         log = self._log.bind(conn_id=conn_id, peer=peer)
         self._open += 1
         try:
