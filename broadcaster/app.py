@@ -359,7 +359,9 @@ class Broadcaster:
             raise flooding(self.penalties.seconds)
         if not self._handshakes.allow(address, now):
             raise Refused(429, "rate_limited", "too many handshakes; retry shortly", RETRY)
-        if not origin_allowed(connection.headers.get("origin"), self.settings.allowed_origins):
+        allowed = self.settings.allowed_origins
+        # The header is looked up only when there is an allowlist to hold it to.
+        if allowed and not origin_allowed(connection.headers.get("origin"), allowed):
             raise Refused(403, "origin_not_allowed", "pages of this origin may not connect")
         if self._open >= self.settings.max_connections:
             raise Refused(503, "too_many_connections", "the server is full; retry later", RETRY)
