@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import secrets
 import time
-import uuid
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -301,7 +300,7 @@ class Broadcaster:
     ) -> None:
         """Accept an admitted connection and run it until it ends."""
         peer = f"{client.host}:{client.port}" if client else None
-        conn_id = uuid.uuid4().hex[:12]
+        conn_id = secrets.token_hex(6)
         log = self._log.bind(conn_id=conn_id, peer=peer)
         self._open += 1
         try:
@@ -342,7 +341,9 @@ class Broadcaster:
             raise flooding(self.penalties.seconds)
         if not self._handshakes.allow(address, now):
             raise Refused(429, "rate_limited", "too many handshakes; retry shortly", RETRY)
-        if not origin_allowed(connection.headers.get("origin"), self.settings.allowed_origins):
+        allowed = self.settings.allowed_origins
+        # The header is looked up only when there is an allowlist to hold it to.
+        if allowed and not origin_allowed(connection.headers.get("origin"), allowed):
             raise Refused(403, "origin_not_allowed", "pages of this origin may not connect")
         if self._open >= self.settings.max_connections:
             raise Refused(503, "too_many_connections", "the server is full; retry later", RETRY)

@@ -24,23 +24,24 @@ KEY_LENGTH = 24
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """An upgrade request's head, with header names in lower case as ASGI wants them."""
+    """An upgrade request's head, with header names in lower case as ASGI wants them.
+
+    ``fields`` holds each header's value by name, its repeats joined with commas.
+    """
 
     method: bytes
     raw_path: bytes
     query_string: bytes
     headers: Headers
-
-    def header(self, name: bytes) -> bytes | None:
-        """The value of header ``name``, its repeats joined with commas; ``None`` if absent."""
-        values = [value for key, value in self.headers if key == name]
-        return b",".join(values) if values else None
+    fields: dict[bytes, bytes]
 
     @property
     def subprotocols(self) -> list[str]:
         """The subprotocols the client offers, in its order of preference."""
-        offered = (self.header(b"sec-websocket-protocol") or b"").decode("latin-1")
-        return [name.strip() for name in offered.split(",") if name.strip()]
+        offered = self.fields.get(b"sec-websocket-protocol")
+        if offered is None:
+            return []
+        return [name.strip() for name in offered.decode("latin-1").split(",") if name.strip()]
 
 
 def parse_request(head: bytes) -> Request:
@@ -48,23 +49,26 @@ def parse_request(head: bytes) -> Request:
     lines = head.split(b"\r\n")
     method, target, _ = lines[0].split(b" ", 2)
     headers = []
+    fields: dict[bytes, bytes] = {}
     for line in lines[1:]:
         if line:
             name, _, value = line.partition(b":")
-            headers.append((name.strip().lower(), value.strip()))
+            name, value = name.strip().lower(), value.strip()
+            headers.append((name, value))
+            fields[name] = fields[name] + b"," + value if name in fields else value
     raw_path, _, query = target.partition(b"?")
-    return Request(method, raw_path, query, headers)
+    return Request(method, raw_path, query, headers, fields)
 
 
 def refusal(request: Request) -> tuple[HTTPStatus, Headers] | None:
     """The status (and headers) that answer a request that is no valid WebSocket handshake,
     or ``None`` for a valid one."""
-    connection = {t.strip().lower() for t in (request.header(b"connection") or b"").split(b",")}
+    connection = {t.strip().lower() for t in (request.fields.get(b"connection") or b"").split(b",")}
     if request.method != b"GET" or b"upgrade" not in connection:
         return HTTPStatus.BAD_REQUEST, []
-    if request.header(b"sec-websocket-version") != b"13":
+    if request.fields.get(b"sec-websocket-version") != b"13":
         return HTTPStatus.UPGRADE_REQUIRED, [(b"sec-websocket-version", b"13")]
-    if len(request.header(b"sec-websocket-key") or b"") != KEY_LENGTH:
+    if len(request.fields.get(b"sec-websocket-key") or b"") != KEY_LENGTH:
         return HTTPStatus.BAD_REQUEST, []
     return None
 
@@ -73,7 +77,7 @@ def accept_response(
     request: Request, subprotocol: str | None, headers: Iterable[tuple[bytes, bytes]]
 ) -> bytes:
     """The 101 that completes the handshake of a valid ``request``."""
-    key = request.header(b"sec-websocket-key") or b""
+    key = request.fields.get(b"sec-websocket-key") or b""
     head = [
         b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
         b"sec-websocket-accept: " + generate_accept_token(key) + b"\r\n"

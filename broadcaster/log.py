@@ -38,15 +38,17 @@ def configure_logging(level: LogLevel, log_format: LogFormat | None) -> None:
         if log_format is LogFormat.CONSOLE
         else [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     )
+    threshold = logging.getLevelNamesMapping()[level.value.upper()]
     structlog.configure(
         processors=[
-            structlog.stdlib.filter_by_level,
             *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        # Calls below ``level`` return at once, without building an event: a debug line per
+        # connection must cost a reconnect storm nothing when debug is off.
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
@@ -61,7 +63,7 @@ def configure_logging(level: LogLevel, log_format: LogFormat | None) -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.value.upper())
+    root.setLevel(threshold)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
