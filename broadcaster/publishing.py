@@ -306,14 +306,17 @@ def _batch_items(body: bytes, max_message_bytes: int) -> list[_Item | ProtocolEr
                     values.append(error)
     if not values:
         raise Refused(400, "invalid_batch", "the batch has no items")
+    # Batches tend to name a few topics many times: each name is checked once.
+    checked: set[str] = set()
     return [
-        value if isinstance(value, ProtocolError) else _item(value, max_message_bytes)
+        value if isinstance(value, ProtocolError) else _item(value, max_message_bytes, checked)
         for value in values
     ]
 
 
-def _item(value: Any, max_message_bytes: int) -> _Item | ProtocolError:
-    """Check one batch item: its topics, and data that encodes as JSON within the size limit."""
+def _item(value: Any, max_message_bytes: int, checked: set[str]) -> _Item | ProtocolError:
+    """Check one batch item: its topics (unless in ``checked``, the valid names seen so far),
+    and data that encodes as JSON within the size limit."""
     if not isinstance(value, dict) or "data" not in value:
         return ProtocolError(
             "invalid_item", 'an item is an object with "topic" (or "topics") and "data"'
@@ -322,12 +325,12 @@ def _item(value: Any, max_message_bytes: int) -> _Item | ProtocolError:
         return ProtocolError("invalid_item", 'an item has "topic" or "topics", not both')
     try:
         if "topic" in value:
-            topics: tuple[str, ...] = (validate_topic(value["topic"]),)
+            topics: tuple[str, ...] = (_topic(value["topic"], checked),)
         else:
             names = value["topics"]
             if not isinstance(names, list) or not names:
                 return ProtocolError("invalid_item", '"topics" is a non-empty list of topic names')
-            topics = tuple(validate_topic(name) for name in names)
+            topics = tuple(_topic(name, checked) for name in names)
             if len(set(topics)) != len(topics):
                 return ProtocolError("invalid_item", '"topics" names each topic once')
         payload = payload_of(value["data"])
@@ -339,6 +342,19 @@ def _item(value: Any, max_message_bytes: int) -> _Item | ProtocolError:
         detail = f"the data is larger than {max_message_bytes} bytes"
         return ProtocolError("message_too_big", detail)
     return topics, payload
+
+
+def _topic(name: object, checked: set[str]) -> str:
+    """Return ``name`` if it is a valid topic name, and add it to ``checked``.
+
+    Raises:
+        ProtocolError: ``invalid_topic``.
+    """
+    if isinstance(name, str) and name in checked:
+        return name
+    topic = validate_topic(name)
+    checked.add(topic)
+    return topic
 
 
 async def _numbered(pending: PendingReceipt) -> tuple[str, int, int] | BackplaneDown | None:
