@@ -34,9 +34,11 @@ from broadcaster.errors import (
 )
 from broadcaster.mailbox import (
     WAKE,
+    BatchResult,
     Command,
     PendingReceipt,
     PingCommand,
+    PublishBatchCommand,
     PublishCommand,
     Receipt,
     RecoveredCommand,
@@ -52,7 +54,7 @@ from broadcaster.shared_topics import Topic, begin, finish, publish
 from broadcaster.stream import Entry, History, HistoryStatistics, Outcome
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
 
     from anyio.abc import TaskStatus
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -61,7 +63,8 @@ if TYPE_CHECKING:
     from broadcaster.backplane import Relay, Sequencer
 
 
-# Commands the hub takes in one go before it lets other tasks run.
+# Commands (a batch counting one per message) the hub takes in one go before it lets other
+# tasks run.
 BURST = 128
 PONG = control_frame("pong")
 
@@ -140,12 +143,12 @@ class Hub:
         task_status.started()
         try:
             async for command in inbox:
-                self._handle(command)
+                taken = self._handle(command)
                 # Take what else is queued before yielding, so that the senders woken by
                 # these publishes each find a batch to write rather than one frame.
-                for _ in range(BURST - 1):
+                while taken < BURST:
                     try:
-                        self._handle(inbox.receive_nowait())
+                        taken += self._handle(inbox.receive_nowait())
                     except anyio.WouldBlock:
                         break
                 self._take_departures()
@@ -161,6 +164,8 @@ class Hub:
             for command in _drain(inbox):
                 if isinstance(command, PublishCommand) and command.receipt is not None:
                     command.receipt._set(None)
+                elif isinstance(command, PublishBatchCommand):
+                    command.done.set()
             if self._turns is not None:
                 self._turns.end()
             inbox.close()
@@ -296,6 +301,44 @@ class Hub:
         await self._send(PublishCommand(topic, payload, source, receipt))
         return receipt
 
+    async def publish_batch(
+        self, messages: Sequence[tuple[str, Payload]], source: Source
+    ) -> list[BatchResult | None]:
+        """Publish ``(topic, payload)`` messages in order, waiting for mailbox room, and return
+        what became of each, in order, once the hub has taken them all.
+
+        The messages go in commands of up to :data:`BURST` each, so that the hub still lets
+        the senders write between two of them. Each result is as in
+        :class:`~broadcaster.mailbox.PublishBatchCommand`, or ``None`` when the hub stopped
+        before it took that message.
+
+        Raises:
+            HubStopped: the hub is not running (nothing was published).
+        """
+        commands = [
+            PublishBatchCommand(messages[start : start + BURST], source)
+            for start in range(0, len(messages), BURST)
+        ]
+        sent = 0
+        for command in commands:
+            try:
+                if self._mailbox is None:
+                    raise HubStopped
+                try:
+                    self._mailbox.send_nowait(command)
+                except anyio.WouldBlock:
+                    await self._send(command)
+            except HubStopped:
+                if not sent:
+                    raise
+                break
+            sent += 1
+        results: list[BatchResult | None] = []
+        for command in commands[:sent]:
+            await command.done.wait()
+            results += command.results or [None] * len(command.messages)
+        return results + [None] * (len(messages) - len(results))
+
     def history(
         self, topic: str, since: Position | None, limit: int
     ) -> tuple[Position, bool, list[Frame]]:
@@ -352,16 +395,20 @@ class Hub:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             raise HubStopped from None
 
-    def _handle(self, command: Command) -> None:
+    def _handle(self, command: Command) -> int:
+        """Carry ``command`` out; return how many commands it counts as in a burst."""
         if isinstance(command, PublishCommand):
             self._publish(command)
-            return
+            return 1
+        if isinstance(command, PublishBatchCommand):
+            self._publish_batch(command)
+            return len(command.messages)
         if isinstance(command, Wake):
             self._take_departures()
-            return
+            return 1
         subscriber = command.subscriber
         if subscriber not in self._subscribers:
-            return  # it left while the command was queued
+            return 1  # it left while the command was queued
         if isinstance(command, SubscribeCommand):
             self._subscribe(subscriber, command)
         elif isinstance(command, RecoveredCommand):
@@ -370,6 +417,7 @@ class Hub:
             subscriber.outbox.offer(PONG)
         else:
             self._unsubscribe(subscriber, command.topic)
+        return 1
 
     def _take_departures(self) -> None:
         while self._departures:
@@ -377,14 +425,55 @@ class Hub:
 
     def _publish(self, command: PublishCommand) -> None:
         started = perf_counter()
-        name, payload = command.topic, command.payload
         self._published[command.source] += 1
         if self._sequencer is not None:
-            publish(self._topics.get(name), command, self._sequencer)
+            publish(self._topics.get(command.topic), command, self._sequencer)
             self._observe_fanout(perf_counter() - started)
             return
+        name = command.topic
+        epoch, seq, subscribers = self._fan_out(
+            name, command.payload, command.source, self._clock()
+        )
+        self._observe_fanout(perf_counter() - started)
+        if command.receipt is not None:
+            command.receipt._set(Receipt(name, epoch, seq, subscribers))
+
+    def _publish_batch(self, command: PublishBatchCommand) -> None:
+        """Publish a batch's messages; its fan-out time is observed once, for all of them."""
+        started = perf_counter()
+        source, results = command.source, command.results
+        # One time for the whole command, as the hub takes it in one go.
+        now = self._clock()
+        sequencer = self._sequencer
+        if sequencer is None:
+            for name, payload in command.messages:
+                results.append(self._fan_out(name, payload, source, now))
+            self._published[source] += len(results)
+        else:
+            for name, payload in command.messages:
+                try:
+                    self._check_sequencer(source)
+                except BackplaneDown as refusal:
+                    results.append(refusal)
+                    continue
+                receipt = PendingReceipt()
+                publish(
+                    self._topics.get(name),
+                    PublishCommand(name, payload, source, receipt),
+                    sequencer,
+                )
+                results.append(receipt)
+                self._published[source] += 1
+        self._observe_fanout(perf_counter() - started)
+        command.done.set()
+
+    def _fan_out(
+        self, name: str, payload: Payload, source: Source, now: float
+    ) -> tuple[str, int, int]:
+        """Give a local publish its position, offer it to every subscriber and keep it; return
+        its epoch, its seq and how many subscribers it was offered to."""
         history = self._history
-        stream = history.publish(name, self._clock())
+        stream = history.publish(name, now)
         epoch, seq = stream.epoch, stream.seq
         topic = self._topics.get(name)
         raw = mux = None
@@ -402,11 +491,9 @@ class Hub:
         if history.size:
             # The frames just sent are kept: a replay sends the very same objects.
             history.append(name, stream, Entry(seq, payload, raw, mux))
-        self._observe_fanout(perf_counter() - started)
-        if self._relay is not None and command.source is not Source.BACKPLANE:
+        if self._relay is not None and source is not Source.BACKPLANE:
             self._relay.published(name, payload)
-        if command.receipt is not None:
-            command.receipt._set(Receipt(name, epoch, seq, subscribers))
+        return epoch, seq, subscribers
 
     def _subscribe_shared(
         self, subscriber: Subscriber, command: SubscribeCommand, sequencer: Sequencer

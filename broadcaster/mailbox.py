@@ -176,6 +176,27 @@ class PublishCommand:
     position: Position | None = None
 
 
+# What became of one message of a batch (see PublishBatchCommand).
+BatchResult = tuple[str, int, int] | PendingReceipt | BackplaneDown
+
+
+@dataclass(eq=False, slots=True)
+class PublishBatchCommand:
+    """Publishes the hub takes as one command, in order, and what became of each.
+
+    ``results`` gets one entry per message, in order, once the hub has taken them: its epoch,
+    seq and subscriber count (as in a :class:`Receipt`, without the per-message object); with
+    shared history, the receipt the broker fills in, or the refusal when the broker is down.
+    ``done`` is set then, or when the hub stopped before it took them (``results`` is then
+    empty).
+    """
+
+    messages: Sequence[tuple[str, Payload]]
+    source: Source
+    results: list[BatchResult] = field(default_factory=list)
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+
 @dataclass(eq=False, slots=True)
 class PendingSubscribe:
     """A subscribe waiting for the broker's starting point (history shared through a broker),
@@ -218,6 +239,12 @@ class Wake:
 
 
 Command = (
-    SubscribeCommand | UnsubscribeCommand | PublishCommand | PingCommand | RecoveredCommand | Wake
+    SubscribeCommand
+    | UnsubscribeCommand
+    | PublishCommand
+    | PublishBatchCommand
+    | PingCommand
+    | RecoveredCommand
+    | Wake
 )
 WAKE = Wake()

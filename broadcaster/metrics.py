@@ -16,6 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from broadcaster.hub import BURST
+
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
@@ -59,7 +61,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.fanout_seconds = Histogram(
             "broadcaster_fanout_seconds",
-            "Time the hub took to offer one publish to every subscriber.",
+            f"Time the hub took to offer one publish, or one command of up to {BURST} batched "
+            "publishes, to every subscriber.",
             buckets=FANOUT_BUCKETS,
             registry=self.registry,
         )

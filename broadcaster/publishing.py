@@ -30,7 +30,7 @@ from broadcaster.errors import (
     ProtocolError,
     Refused,
 )
-from broadcaster.mailbox import Source
+from broadcaster.mailbox import PendingReceipt, Source
 from broadcaster.policy import AddressLimiter
 from broadcaster.protocol import (
     Payload,
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
     from broadcaster.auth import Authenticator, TopicPatterns
     from broadcaster.hub import Hub
-    from broadcaster.mailbox import PendingReceipt
     from broadcaster.settings import Settings
 
 JSON = "application/json"
@@ -56,6 +55,7 @@ JSON_BYTES = JSON.encode()
 CLIENT_GONE = Refused(499, "client_disconnected", "the client left before its body arrived")
 # The addresses whose batch rate is tracked, as for handshakes.
 BATCH_ADDRESSES = 10_000
+FORBIDDEN = ProtocolError("forbidden_topic", "the token does not allow publishing here")
 
 
 class HTTPPublish:
@@ -193,66 +193,57 @@ class HTTPPublish:
         """Publish every valid item to each of its topics; return the results in order, as
         JSON objects, and how many of them are refusals.
 
-        Every message is queued for the hub before any receipt is awaited, so that the hub
-        fans the batch out in one burst.
+        The allowed messages go to the hub together (:meth:`Hub.publish_batch`), so that it
+        fans them out in a few commands rather than one per message.
 
         Raises:
             Refused: 503 when the hub is not running, before anything is published.
         """
-        # Each entry: (item, topic, pending receipt or the error that refused it).
-        queued: list[tuple[int, str | None, PendingReceipt | ProtocolError]] = []
-        published = False
+        # Each entry: (item, topic, the error that refused it; None for a message published).
+        places: list[tuple[int, str | None, ProtocolError | None]] = []
+        messages: list[tuple[str, Payload]] = []
         for index, item in enumerate(items):
             if isinstance(item, ProtocolError):
-                queued.append((index, None, item))
+                places.append((index, None, item))
                 continue
             topics, payload = item
             for topic in topics:
-                if not allowed.matches(topic):
-                    detail = "the token does not allow publishing here"
-                    queued.append((index, topic, ProtocolError("forbidden_topic", detail)))
-                    continue
-                try:
-                    try:
-                        pending = self._hub.publish_nowait(topic, payload, Source.HTTP)
-                    except HubBusy:
-                        pending = await self._hub.publish_pending(topic, payload, Source.HTTP)
-                except HubStopped:
-                    if not published:
-                        raise Refused(503, "hub_stopped", "the hub is not running", RETRY) from None
-                    queued.append((index, topic, ProtocolError("hub_stopped", "the hub stopped")))
-                    continue
-                except BackplaneDown as error:
-                    queued.append((index, topic, ProtocolError("backplane_down", str(error))))
-                    continue
-                queued.append((index, topic, pending))
-                published = True
+                if allowed.matches(topic):
+                    messages.append((topic, payload))
+                    places.append((index, topic, None))
+                else:
+                    places.append((index, topic, FORBIDDEN))
+        try:
+            outcomes = iter(await self._hub.publish_batch(messages, Source.HTTP))
+        except HubStopped:
+            raise Refused(503, "hub_stopped", "the hub is not running", RETRY) from None
         results: list[str] = []
         failed = 0
         # Epochs are few: each is encoded once per batch.
         epochs: dict[str, str] = {}
-        for index, name, outcome in queued:
-            if not isinstance(outcome, ProtocolError):
-                try:
-                    if not outcome.done:
-                        await outcome.wait()
-                    receipt = outcome.result()
-                except HubStopped:
-                    outcome = ProtocolError("hub_stopped", "the hub stopped")
-                except BackplaneDown as error:
-                    outcome = ProtocolError("backplane_down", str(error))
-                else:
-                    epoch = epochs.get(receipt.epoch)
-                    if epoch is None:
-                        epoch = epochs[receipt.epoch] = json.dumps(receipt.epoch)
+        for index, name, refusal in places:
+            if refusal is None:
+                outcome = next(outcomes)
+                if isinstance(outcome, PendingReceipt):
+                    outcome = await _numbered(outcome)
+                if isinstance(outcome, tuple):
+                    epoch, seq, subscribers = outcome
+                    text = epochs.get(epoch)
+                    if text is None:
+                        text = epochs[epoch] = json.dumps(epoch)
                     # Topics match TOPIC_PATTERN, so they need no JSON escaping.
                     results.append(
-                        f'{{"item":{index},"topic":"{receipt.topic}","epoch":{epoch},'
-                        f'"seq":{receipt.seq},"subscribers":{receipt.subscribers}}}'
+                        f'{{"item":{index},"topic":"{name}","epoch":{text},'
+                        f'"seq":{seq},"subscribers":{subscribers}}}'
                     )
                     continue
+                refusal = (
+                    ProtocolError("hub_stopped", "the hub stopped")
+                    if outcome is None
+                    else ProtocolError("backplane_down", str(outcome))
+                )
             failed += 1
-            results.append(self._refusal(index, name, outcome, peer))
+            results.append(self._refusal(index, name, refusal, peer))
         return results, failed
 
     def _refusal(
@@ -315,14 +306,17 @@ def _batch_items(body: bytes, max_message_bytes: int) -> list[_Item | ProtocolEr
                     values.append(error)
     if not values:
         raise Refused(400, "invalid_batch", "the batch has no items")
+    # Batches tend to name a few topics many times: each name is checked once.
+    checked: set[str] = set()
     return [
-        value if isinstance(value, ProtocolError) else _item(value, max_message_bytes)
+        value if isinstance(value, ProtocolError) else _item(value, max_message_bytes, checked)
         for value in values
     ]
 
 
-def _item(value: Any, max_message_bytes: int) -> _Item | ProtocolError:
-    """Check one batch item: its topics, and data that encodes as JSON within the size limit."""
+def _item(value: Any, max_message_bytes: int, checked: set[str]) -> _Item | ProtocolError:
+    """Check one batch item: its topics (unless in ``checked``, the valid names seen so far),
+    and data that encodes as JSON within the size limit."""
     if not isinstance(value, dict) or "data" not in value:
         return ProtocolError(
             "invalid_item", 'an item is an object with "topic" (or "topics") and "data"'
@@ -331,12 +325,12 @@ def _item(value: Any, max_message_bytes: int) -> _Item | ProtocolError:
         return ProtocolError("invalid_item", 'an item has "topic" or "topics", not both')
     try:
         if "topic" in value:
-            topics: tuple[str, ...] = (validate_topic(value["topic"]),)
+            topics: tuple[str, ...] = (_topic(value["topic"], checked),)
         else:
             names = value["topics"]
             if not isinstance(names, list) or not names:
                 return ProtocolError("invalid_item", '"topics" is a non-empty list of topic names')
-            topics = tuple(validate_topic(name) for name in names)
+            topics = tuple(_topic(name, checked) for name in names)
             if len(set(topics)) != len(topics):
                 return ProtocolError("invalid_item", '"topics" names each topic once')
         payload = payload_of(value["data"])
@@ -348,6 +342,31 @@ def _item(value: Any, max_message_bytes: int) -> _Item | ProtocolError:
         detail = f"the data is larger than {max_message_bytes} bytes"
         return ProtocolError("message_too_big", detail)
     return topics, payload
+
+
+def _topic(name: object, checked: set[str]) -> str:
+    """Return ``name`` if it is a valid topic name, and add it to ``checked``.
+
+    Raises:
+        ProtocolError: ``invalid_topic``.
+    """
+    if isinstance(name, str) and name in checked:
+        return name
+    topic = validate_topic(name)
+    checked.add(topic)
+    return topic
+
+
+async def _numbered(pending: PendingReceipt) -> tuple[str, int, int] | BackplaneDown | None:
+    """The epoch, seq and subscriber count the broker gave a batched message; the refusal when
+    the broker was down, or ``None`` when the hub stopped first."""
+    try:
+        receipt = await pending.wait()
+    except BackplaneDown as error:
+        return error
+    except HubStopped:
+        return None
+    return receipt.epoch, receipt.seq, receipt.subscribers
 
 
 def _peer(scope: Scope) -> str | None:

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from broadcaster.app import Broadcaster
 from broadcaster.auth import CHALLENGE
+from broadcaster.hub import BURST
 from broadcaster.settings import Settings
 from tests.brokers import running_broker
 from tests.support import (
@@ -201,10 +202,12 @@ async def test_a_batch_when_the_hub_is_not_running_is_a_503() -> None:
 
 
 async def test_a_batch_larger_than_the_mailbox_waits_for_room() -> None:
-    """A batch of more messages than the hub's mailbox holds is published whole, in order."""
-    async with running_server(settings(hub_mailbox_size=8)) as live:
-        answer = await post(live, [{"topic": "t", "data": n} for n in range(100)])
-    assert [seq for _, _, seq in positions(answer)] == list(range(1, 101))
+    """A batch of more hub commands (one per BURST messages) than the hub's mailbox holds is
+    published whole, in order."""
+    count = 4 * BURST + 1
+    async with running_server(settings(hub_mailbox_size=2)) as live:
+        answer = await post(live, [{"topic": "t", "data": n} for n in range(count)])
+    assert [seq for _, _, seq in positions(answer)] == list(range(1, count + 1))
 
 
 async def test_the_batch_route_is_documented_and_served_where_the_router_is_mounted() -> None:

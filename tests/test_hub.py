@@ -24,7 +24,7 @@ from broadcaster.errors import (
     SlowConsumer,
 )
 from broadcaster.hub import BURST, Hub
-from broadcaster.mailbox import PendingReceipt, Subscriber
+from broadcaster.mailbox import PendingReceipt, Source, Subscriber
 from broadcaster.outbox import Outbox
 from broadcaster.policy import Overflow
 from broadcaster.protocol import Frame, Mode, Payload
@@ -361,6 +361,35 @@ async def test_a_departure_waits_for_at_most_one_burst() -> None:
         # The frames of the burst reached the outbox before it left; nothing after.
         assert queued(subscriber) == BURST
         assert hub.statistics().subscribers == 0
+
+
+async def test_a_batch_is_published_in_order_in_commands_of_at_most_a_burst() -> None:
+    """publish_batch waits for mailbox room between its commands and returns each message's
+    epoch, seq and subscriber count in order; the subscriber gets its messages in order and
+    the fan-out of each command is observed once."""
+    observed: list[float] = []
+    hub = Hub(
+        mailbox_size=1,
+        logger=structlog.get_logger(),
+        max_subscriptions=10,
+        observe_fanout=observed.append,
+    )
+    messages = [("t" if n % 2 else "u", Payload(str(n))) for n in range(2 * BURST + 1)]
+    async with running(hub):
+        subscriber = await join(hub, "t", mode=Mode.RAW, max_messages=2 * BURST)
+        results = await hub.publish_batch(messages, Source.APP)
+        received = await take(subscriber, BURST)
+    assert results == [(ANY, n // 2 + 1, 1 if n % 2 else 0) for n in range(2 * BURST + 1)]
+    assert received == [str(n) for n in range(1, 2 * BURST + 1, 2)]
+    assert len(observed) == 3
+    assert hub.statistics().published == {"app": 2 * BURST + 1}
+
+
+async def test_a_batch_for_a_stopped_hub_raises_hub_stopped() -> None:
+    """A batch for a hub that is not running publishes nothing and raises HubStopped."""
+    hub = make_hub()
+    with pytest.raises(HubStopped):
+        await hub.publish_batch([("t", Payload("late"))], Source.APP)
 
 
 async def test_raw_subscribers_get_the_published_frame_as_it_is() -> None:
