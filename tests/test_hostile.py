@@ -142,6 +142,9 @@ ATTACK = Settings(
     max_bytes_per_second=64 * 1024,
     max_handshakes_per_second=10_000,
     handshake_timeout=0.5,
+    # Attackers and good clients here all come from 127.0.0.1: a flood penalty would refuse
+    # every later connection from it, attack or not (tests/test_ws_protocol.py tests it).
+    flood_penalty=0,
     log_format="json",
 )
 # May subscribe to the feed but publish nowhere: what every attacker holds.
