@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import anyio
-from measure import BROADCASTER, CLASSIC, Row, median, spread
+from measure import BROADCASTER, CLASSIC, Row, median, pinned_server, spread
 from picows import WSCloseCode, WSError, WSListener, WSMsgType
 
 from broadcaster.stress.clients import connect
-from broadcaster.stress.spawned import ServerFailed, SpawnedServer, pin
 
 if TYPE_CHECKING:
     from measure import Bench
@@ -31,8 +30,6 @@ STORM_CONCURRENCY = 100
 WARM_UP = 100
 # Seconds one connection may take, from connect to the server dropping it.
 CONNECTION_SECONDS = 10.0
-STARTUP_SECONDS = 30.0
-STOP_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -114,22 +111,13 @@ def run_storm(
     server_command: tuple[str, ...], server_cpus: tuple[int, ...], connections: int
 ) -> Storm:
     """Spawn a server, warm it up, and measure one storm against it."""
-    server = SpawnedServer({}, server_command)
-    try:
-        base = server.start(STARTUP_SECONDS)
-        assert server.pid is not None  # set by start()
-        if server_cpus:
-            pin(server.pid, server_cpus)
+    with pinned_server(server_command, server_cpus) as (server, base):
         assert server.sampler is not None  # set by start()
         url = f"{base}/ws"
         anyio.run(storm, url, WARM_UP, STORM_CONCURRENCY)
         before = server.sampler.cpu_seconds()
         counts, seconds = anyio.run(storm, url, connections, STORM_CONCURRENCY)
         after = server.sampler.cpu_seconds()
-    except ServerFailed as error:
-        raise SystemExit(f"bench: {error}") from None
-    finally:
-        server.stop(STOP_SECONDS)
     if counts.errors:
         print(f"bench: {counts.failures} connections failed, as {counts.errors}")
     return Storm(

@@ -12,15 +12,16 @@ import json
 import os
 import statistics
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from broadcaster.stress import Kind, Report, Scenario, run_scenario
-from broadcaster.stress.spawned import can_pin, pin
+from broadcaster.stress.spawned import ServerFailed, SpawnedServer, can_pin, pin
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from broadcaster.stress import KindReport, Snapshot
 
@@ -33,6 +34,28 @@ MIB = 1024 * 1024
 SOCKSTAT = Path("/proc/net/sockstat")
 TCP_MEM = Path("/proc/sys/net/ipv4/tcp_mem")
 T = TypeVar("T")
+# Seconds a spawned server may take to start, and to stop once asked.
+STARTUP_SECONDS = 30.0
+STOP_SECONDS = 30.0
+
+
+@contextmanager
+def pinned_server(
+    server_command: tuple[str, ...], server_cpus: tuple[int, ...]
+) -> Iterator[tuple[SpawnedServer, str]]:
+    """Spawn a server with its default settings, keep it on ``server_cpus`` (all cores when
+    empty), and stop it on exit; end the benchmark, saying why, if it does not start."""
+    server = SpawnedServer({}, server_command)
+    try:
+        base = server.start(STARTUP_SECONDS)
+        assert server.pid is not None  # set by start()
+        if server_cpus:
+            pin(server.pid, server_cpus)
+        yield server, base
+    except ServerFailed as error:
+        raise SystemExit(f"bench: {error}") from None
+    finally:
+        server.stop(STOP_SECONDS)
 
 
 @dataclass(frozen=True)

@@ -21,18 +21,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import uvloop
-from measure import BROADCASTER, CLASSIC, Row, median, spread
+from measure import BROADCASTER, CLASSIC, STOP_SECONDS, Row, median, pinned_server, spread
 from picows import WSListener
 
 from broadcaster.stress.clients import connect
-from broadcaster.stress.spawned import ServerFailed, SpawnedServer, pin
 
 if TYPE_CHECKING:
     from measure import Bench
     from picows import WSFrame, WSTransport
 
-STARTUP_SECONDS = 30.0
-STOP_SECONDS = 30.0
+    from broadcaster.stress.spawned import SpawnedServer
+
 WARM_UP_SECONDS = 1.0
 MEASURE_SECONDS = 5.0
 # Connections for single publishes, as in the issue's wrk runs.
@@ -187,18 +186,9 @@ def load_server(
     subscribe: str | None = None,
 ) -> Load:
     """Spawn a server and measure one window of ``requests`` against it."""
-    server = SpawnedServer({}, server_command)
-    try:
-        base = server.start(STARTUP_SECONDS)
-        assert server.pid is not None  # set by start()
-        if server_cpus:
-            pin(server.pid, server_cpus)
+    with pinned_server(server_command, server_cpus) as (server, base):
         port = int(base.rsplit(":", 1)[1])
         answers, seconds, used = uvloop.run(_drive(port, requests, connections, subscribe, server))
-    except ServerFailed as error:
-        raise SystemExit(f"bench: {error}") from None
-    finally:
-        server.stop(STOP_SECONDS)
     failed = sum(count for status, count in answers.items() if status != OK)
     if failed:
         print(f"bench: {failed} requests failed: {dict(answers)}")
