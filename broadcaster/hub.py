@@ -232,13 +232,7 @@ class Hub:
 
     async def place(self, topic: str, payload: Payload, position: Position) -> None:
         """Fan out a message the broker numbered, eagerly like :meth:`publish_eagerly`."""
-        command = PublishCommand(topic, payload, Source.BACKPLANE, None, position)
-        if self._mailbox is None:
-            raise HubStopped
-        try:
-            self._mailbox.send_nowait(command)
-        except anyio.WouldBlock:
-            await self._send(command)
+        await self._send_eagerly(PublishCommand(topic, payload, Source.BACKPLANE, None, position))
 
     async def recovered(self, command: RecoveredCommand) -> None:
         """Hand the hub the broker's answer to a pending subscribe."""
@@ -322,12 +316,7 @@ class Hub:
         sent = 0
         for command in commands:
             try:
-                if self._mailbox is None:
-                    raise HubStopped
-                try:
-                    self._mailbox.send_nowait(command)
-                except anyio.WouldBlock:
-                    await self._send(command)
+                await self._send_eagerly(command)
             except HubStopped:
                 if not sent:
                     raise
@@ -386,6 +375,15 @@ class Hub:
         if sequencer is not None and source is not Source.BACKPLANE:
             if not sequencer.accepting():
                 raise BackplaneDown("the broker that numbers messages is down")
+
+    async def _send_eagerly(self, command: Command) -> None:
+        """Queue ``command`` with no checkpoint while the mailbox has room, else wait for room."""
+        if self._mailbox is None:
+            raise HubStopped
+        try:
+            self._mailbox.send_nowait(command)
+        except anyio.WouldBlock:
+            await self._send(command)
 
     async def _send(self, command: Command) -> None:
         if self._mailbox is None:
