@@ -249,6 +249,20 @@ async def test_no_reconnect_after_token_expired_until_a_new_token(browser: Brows
     assert record["states"] == ["connected", "unauthorized", "connecting", "connected"]
 
 
+async def overflow_a_page(page: Page, live: LiveServer, http: httpx.AsyncClient) -> None:
+    """Follow "news" on ``page``, then publish 1, then 2 to 11 queued at once (an outbox of
+    three keeps only three of them), then 12, whose seq shows the page its gap."""
+    await follow(page, live, "news")
+    await wait_page(page, "() => window.follower.client.state === 'connected'")
+    await publish(http, "news", 1)
+    await wait_page(page, "() => window.follower.seen.length === 1")
+    # Queued together, the hub offers them all at once: the outbox keeps three.
+    for n in range(2, 12):
+        live.broadcaster.hub.publish_nowait("news", Payload.from_data(n))
+    await wait_page(page, "() => window.follower.seen.length === 4")
+    await publish(http, "news", 12)
+
+
 async def test_client_fills_a_seq_gap_from_history(browser: Browser) -> None:
     """Messages the server dropped for a slow page are replayed into the gap they left."""
     settings = Settings(overflow=Overflow.DROP_NEWEST, queue_max_messages=3, log_format="json")
@@ -257,15 +271,7 @@ async def test_client_fills_a_seq_gap_from_history(browser: Browser) -> None:
         httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http,
     ):
         page = await browser.new_page()
-        await follow(page, live, "news")
-        await wait_page(page, "() => window.follower.client.state === 'connected'")
-        await publish(http, "news", 1)
-        await wait_page(page, "() => window.follower.seen.length === 1")
-        # Queued together, the hub offers them all at once: the outbox keeps three.
-        for n in range(2, 12):
-            live.broadcaster.hub.publish_nowait("news", Payload.from_data(n))
-        await wait_page(page, "() => window.follower.seen.length === 4")
-        await publish(http, "news", 12)  # shows the gap; the client fills it
+        await overflow_a_page(page, live, http)
         await wait_page(page, "() => window.follower.seen.length === 12")
         record = await page.evaluate("({ ...window.follower, client: null })")
     assert [[seq, data] for seq, data, _ in record["seen"]] == [[n, n] for n in range(1, 13)]
@@ -285,14 +291,7 @@ async def test_client_gives_up_on_a_gap_whose_replays_keep_being_cut_short(
         httpx.AsyncClient(base_url=live.http_url, trust_env=False) as http,
     ):
         page = await browser.new_page()
-        await follow(page, live, "news")
-        await wait_page(page, "() => window.follower.client.state === 'connected'")
-        await publish(http, "news", 1)
-        await wait_page(page, "() => window.follower.seen.length === 1")
-        for n in range(2, 12):
-            live.broadcaster.hub.publish_nowait("news", Payload.from_data(n))
-        await wait_page(page, "() => window.follower.seen.length === 4")
-        await publish(http, "news", 12)
+        await overflow_a_page(page, live, http)
         await wait_page(page, "() => window.follower.seen.length === 5")
         record = await page.evaluate("({ ...window.follower, client: null })")
         recoveries = dict(live.broadcaster.hub.statistics().recoveries)
