@@ -16,6 +16,8 @@ from broadcaster.settings import Settings
 from tests.support import JWT_SECRET, client, running_server, token, wait_until
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from playwright.async_api import Browser, Page
 
     from tests.support import LiveServer
@@ -62,6 +64,19 @@ async def publish(http: httpx.AsyncClient, topic: str, data: Any) -> int:
     assert response.status_code == 200, response.text
     seq: int = response.json()["seq"]
     return seq
+
+
+async def publish_while_restarting(
+    live: LiveServer, http: httpx.AsyncClient, values: Iterable[int]
+) -> None:
+    """Act out a restart: close every connection with 1001, refuse handshakes until at least
+    one has been refused, publish ``values`` to "news" meanwhile, then take handshakes again."""
+    live.broadcaster.draining = True
+    close_all(live, ShuttingDown())
+    await wait_until(lambda: live.broadcaster.metrics.totals.refused["draining"] >= 1)
+    for n in values:
+        await publish(http, "news", n)
+    live.broadcaster.draining = False
 
 
 def close_all(live: LiveServer, error: Closing, topic: str | None = None) -> None:
@@ -153,13 +168,7 @@ async def test_client_resumes_after_1001_and_1013_with_no_loss_and_no_duplicate(
             await publish(http, "news", n)
         await wait_page(page, "() => window.follower.seen.length === 3")
 
-        # A restart: the server closes with 1001 and refuses handshakes until it is back.
-        live.broadcaster.draining = True
-        close_all(live, ShuttingDown())
-        await wait_until(lambda: live.broadcaster.metrics.totals.refused["draining"] >= 1)
-        for n in range(4, 7):
-            await publish(http, "news", n)
-        live.broadcaster.draining = False
+        await publish_while_restarting(live, http, range(4, 7))
         await wait_page(page, "() => window.follower.seen.length === 6")
 
         # A slow consumer cut off with 1013 is told to try again later, and does.
@@ -316,12 +325,7 @@ async def test_client_reports_a_gap_that_history_cannot_fill(browser: Browser) -
         await wait_page(page, "() => window.follower.client.state === 'connected'")
         await publish(http, "news", 1)
         await wait_page(page, "() => window.follower.seen.length === 1")
-        live.broadcaster.draining = True
-        close_all(live, ShuttingDown())
-        await wait_until(lambda: live.broadcaster.metrics.totals.refused["draining"] >= 1)
-        for n in range(2, 7):
-            await publish(http, "news", n)
-        live.broadcaster.draining = False
+        await publish_while_restarting(live, http, range(2, 7))
         await wait_page(page, "() => window.follower.gaps.length === 1")
         await publish(http, "news", 7)
         await wait_page(page, "() => window.follower.seen.length === 2")
