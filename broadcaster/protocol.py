@@ -119,7 +119,8 @@ class Payload:
         text = _dumps(data)
         if not text.isascii():
             text.encode()  # raises UnicodeEncodeError on a lone surrogate
-        return cls(raw=data if isinstance(data, str) else text, json=text)
+        # Positional: a frozen dataclass takes keywords at twice the cost.
+        return cls(data if isinstance(data, str) else text, text)
 
 
 @dataclass(frozen=True, slots=True)

@@ -167,12 +167,14 @@ class History:
 
     def publish(self, name: str, now: float) -> Stream:
         """Give the next position of ``name``: its seq rises by 1."""
-        stream = self.open(name, now)
+        stream = self._streams.get(name)
+        if stream is None or self._stale(stream, now):
+            stream = self.open(name, now)
         stream.seq += 1
         stream.published_at = now
-        if name in self._order:
+        try:
             self._order.move_to_end(name)
-        else:
+        except KeyError:
             self._order[name] = stream
             self._bytes += STREAM_OVERHEAD
         return stream
@@ -184,12 +186,15 @@ class History:
         """
         if self.size == 0:
             return
-        stream.entries.append(entry)
+        entries = stream.entries
+        entries.append(entry)
         stream.bytes += entry.size
         self._bytes += entry.size
         self._messages += 1
-        self._trim(stream)
-        self._evict(keep=name)
+        if len(entries) > self.size or stream.bytes > self.max_bytes:
+            self._trim(stream)
+        if self._bytes > self.total_bytes:
+            self._evict(keep=name)
 
     def pin(self, name: str, now: float) -> Stream:
         """``name`` has subscribers: keep its stream, whatever the bounds."""
