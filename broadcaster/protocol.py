@@ -122,6 +122,12 @@ class Payload:
         # Positional: a frozen dataclass takes keywords at twice the cost.
         return cls(data if isinstance(data, str) else text, text)
 
+    @classmethod
+    def from_json(cls, text: str) -> Payload:
+        """Build the payload of one JSON value's text, already checked to be valid JSON; it is
+        sent on as it is spelled. A string reaches raw subscribers as itself."""
+        return cls(raw=_DECODER.decode(text) if text.startswith('"') else text, json=text)
+
 
 @dataclass(frozen=True, slots=True)
 class Position:

@@ -19,6 +19,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from starlette.responses import Response
 
 from broadcaster.errors import (
@@ -36,12 +37,11 @@ from broadcaster.protocol import (
     Payload,
     parse_json,
     parse_json_body,
-    payload_of,
     validate_topic,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from starlette.types import Receive, Scope, Send
 
@@ -281,6 +281,23 @@ class HTTPPublish:
 _Item = tuple[tuple[str, ...], Payload]
 
 
+class _SentItem(msgspec.Struct):
+    """A batch item as read: ``data`` is the JSON text of its data, exactly as sent (empty when
+    the item has none); ``UNSET`` marks a field the item does not have."""
+
+    topic: Any = msgspec.UNSET
+    topics: Any = msgspec.UNSET
+    data: msgspec.Raw = msgspec.Raw()
+
+
+# Made once, like protocol's JSON decoder.
+_ITEMS = msgspec.json.Decoder(list[_SentItem])
+_ITEM = msgspec.json.Decoder(_SentItem)
+NOT_AN_ITEM = ProtocolError(
+    "invalid_item", 'an item is an object with "topic" (or "topics") and "data"'
+)
+
+
 def _batch_items(body: bytes, max_message_bytes: int) -> list[_Item | ProtocolError]:
     """Read a batch: a JSON array of items, or JSON lines (one item a line, blank lines
     skipped). A line or item that cannot be read becomes the error that says why.
@@ -289,59 +306,90 @@ def _batch_items(body: bytes, max_message_bytes: int) -> list[_Item | ProtocolEr
         Refused: 400 ``invalid_batch``: an array that does not parse, or no items at all.
     """
     text = body.lstrip()
-    values: list[Any]
-    if text.startswith(b"["):
-        try:
-            values = parse_json(text)
-        except ProtocolError as error:
-            detail = f"the body is not a JSON array: {error.detail}"
-            raise Refused(400, "invalid_batch", detail) from None
-    else:
-        values = []
-        for line in text.splitlines():
-            if line.strip():
-                try:
-                    values.append(parse_json(line))
-                except ProtocolError as error:
-                    values.append(error)
-    if not values:
+    sent = (
+        _read_array(text)
+        if text.startswith(b"[")
+        else [_read_line(line) for line in text.splitlines() if line.strip()]
+    )
+    if not sent:
         raise Refused(400, "invalid_batch", "the batch has no items")
     # Batches tend to name a few topics many times: each name is checked once.
     checked: set[str] = set()
     return [
-        value if isinstance(value, ProtocolError) else _item(value, max_message_bytes, checked)
-        for value in values
+        item if isinstance(item, ProtocolError) else _item(item, max_message_bytes, checked)
+        for item in sent
     ]
 
 
-def _item(value: Any, max_message_bytes: int, checked: set[str]) -> _Item | ProtocolError:
+def _read_array(text: bytes) -> Sequence[_SentItem | ProtocolError]:
+    """Read a JSON array of items in one pass; when some item is not an object, or has a
+    string that is not valid Unicode, read the array with the json module and each item
+    alone, so that only those items are refused.
+
+    Raises:
+        Refused: 400 ``invalid_batch``: the body is not a JSON array.
+    """
+    try:
+        # Raw data is not checked for UTF-8 by msgspec.
+        if not text.isascii():
+            text.decode()
+        return _ITEMS.decode(text)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+        pass
+    try:
+        values: list[Any] = parse_json(text)
+    except ProtocolError as error:
+        detail = f"the body is not a JSON array: {error.detail}"
+        raise Refused(400, "invalid_batch", detail) from None
+    return [_reread(value) for value in values]
+
+
+def _reread(value: Any) -> _SentItem | ProtocolError:
+    """Read one item of an array the json module parsed, from its compact JSON text."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError as error:  # a lone surrogate
+        return ProtocolError("invalid_json", str(error))
+    return _read_line(text)
+
+
+def _read_line(line: bytes) -> _SentItem | ProtocolError:
+    """Read one item from its JSON text."""
+    try:
+        if not line.isascii():
+            line.decode()
+        return _ITEM.decode(line)
+    except msgspec.ValidationError:
+        return NOT_AN_ITEM
+    except (msgspec.DecodeError, UnicodeDecodeError) as error:
+        return ProtocolError("invalid_json", str(error))
+    except RecursionError:
+        return ProtocolError("invalid_json", "nested too deeply")
+
+
+def _item(item: _SentItem, max_message_bytes: int, checked: set[str]) -> _Item | ProtocolError:
     """Check one batch item: its topics (unless in ``checked``, the valid names seen so far),
-    and data that encodes as JSON within the size limit."""
-    if not isinstance(value, dict) or "data" not in value:
-        return ProtocolError(
-            "invalid_item", 'an item is an object with "topic" (or "topics") and "data"'
-        )
-    if ("topic" in value) == ("topics" in value):
+    and data within the size limit, measured as sent."""
+    if not item.data:
+        return NOT_AN_ITEM
+    if (item.topic is msgspec.UNSET) == (item.topics is msgspec.UNSET):
         return ProtocolError("invalid_item", 'an item has "topic" or "topics", not both')
     try:
-        if "topic" in value:
-            topics: tuple[str, ...] = (_topic(value["topic"], checked),)
+        if item.topics is msgspec.UNSET:
+            topics: tuple[str, ...] = (_topic(item.topic, checked),)
         else:
-            names = value["topics"]
+            names = item.topics
             if not isinstance(names, list) or not names:
                 return ProtocolError("invalid_item", '"topics" is a non-empty list of topic names')
             topics = tuple(_topic(name, checked) for name in names)
             if len(set(topics)) != len(topics):
                 return ProtocolError("invalid_item", '"topics" names each topic once')
-        payload = payload_of(value["data"])
     except ProtocolError as error:
         return error
-    text = payload.json
-    assert text is not None  # from_data always encodes the JSON text
-    if (len(text) if text.isascii() else len(text.encode())) > max_message_bytes:
+    if len(item.data) > max_message_bytes:
         detail = f"the data is larger than {max_message_bytes} bytes"
         return ProtocolError("message_too_big", detail)
-    return topics, payload
+    return topics, Payload.from_json(str(item.data, "utf-8"))
 
 
 def _topic(name: object, checked: set[str]) -> str:
