@@ -16,6 +16,7 @@ results, and every other item is still published, in order.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -293,6 +294,11 @@ class _SentItem(msgspec.Struct):
 # Made once, like protocol's JSON decoder.
 _ITEMS = msgspec.json.Decoder(list[_SentItem])
 _ITEM = msgspec.json.Decoder(_SentItem)
+_RAWS = msgspec.json.Decoder(list[msgspec.Raw])
+# Data longer than this may hold an integer of more digits than Python's json module reads by
+# default, which clients such as broadcaster.client could not read: it is parsed, to be refused
+# as a single publish of it is.
+LONGEST_UNCHECKED = sys.int_info.default_max_str_digits
 NOT_AN_ITEM = ProtocolError(
     "invalid_item", 'an item is an object with "topic" (or "topics") and "data"'
 )
@@ -322,19 +328,22 @@ def _batch_items(body: bytes, max_message_bytes: int) -> list[_Item | ProtocolEr
 
 
 def _read_array(text: bytes) -> Sequence[_SentItem | ProtocolError]:
-    """Read a JSON array of items in one pass; when some item is not an object, or has a
-    string that is not valid Unicode, read the array with the json module and each item
-    alone, so that only those items are refused.
+    """Read a JSON array of items in one pass. When some item is not an object, each item is
+    read alone; when msgspec cannot read the array (a string in it is not valid Unicode, or
+    it is not JSON), the json module reads it, so that only the items at fault are refused.
 
     Raises:
         Refused: 400 ``invalid_batch``: the body is not a JSON array.
     """
     try:
-        # Raw data is not checked for UTF-8 by msgspec.
+        # msgspec does not check that raw data is UTF-8.
         if not text.isascii():
             text.decode()
-        return _ITEMS.decode(text)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+        try:
+            return _ITEMS.decode(text)
+        except msgspec.ValidationError:
+            return [_read_item(raw) for raw in _RAWS.decode(text)]
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         pass
     try:
         values: list[Any] = parse_json(text)
@@ -350,18 +359,26 @@ def _reread(value: Any) -> _SentItem | ProtocolError:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
     except UnicodeEncodeError as error:  # a lone surrogate
         return ProtocolError("invalid_json", str(error))
-    return _read_line(text)
+    return _read_item(text)
 
 
 def _read_line(line: bytes) -> _SentItem | ProtocolError:
-    """Read one item from its JSON text."""
-    try:
-        if not line.isascii():
+    """Read one item from a line of JSON lines."""
+    if not line.isascii():
+        try:
             line.decode()
-        return _ITEM.decode(line)
+        except UnicodeDecodeError as error:
+            return ProtocolError("invalid_json", str(error))
+    return _read_item(line)
+
+
+def _read_item(text: bytes | msgspec.Raw) -> _SentItem | ProtocolError:
+    """Read one item from its JSON text, known to be UTF-8."""
+    try:
+        return _ITEM.decode(text)
     except msgspec.ValidationError:
         return NOT_AN_ITEM
-    except (msgspec.DecodeError, UnicodeDecodeError) as error:
+    except msgspec.DecodeError as error:
         return ProtocolError("invalid_json", str(error))
     except RecursionError:
         return ProtocolError("invalid_json", "nested too deeply")
@@ -389,7 +406,13 @@ def _item(item: _SentItem, max_message_bytes: int, checked: set[str]) -> _Item |
     if len(item.data) > max_message_bytes:
         detail = f"the data is larger than {max_message_bytes} bytes"
         return ProtocolError("message_too_big", detail)
-    return topics, Payload.from_json(str(item.data, "utf-8"))
+    text = str(item.data, "utf-8")
+    if len(text) > LONGEST_UNCHECKED:
+        try:
+            parse_json(text)
+        except ProtocolError as error:
+            return error
+    return topics, Payload.from_json(text)
 
 
 def _topic(name: object, checked: set[str]) -> str:

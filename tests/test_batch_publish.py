@@ -32,6 +32,8 @@ from tests.support import (
 from tests.test_backplane import bridge, node_settings
 
 if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
+
     from tests.support import LiveServer
 
 
@@ -251,3 +253,82 @@ async def test_with_history_on_redis_a_batch_is_numbered_by_redis_or_refused_per
     assert refused.status_code == 200
     assert errors(refused) == [(0, "a", "backplane_down")]
     assert (error["op"], error["id"], error["error"]) == ("error", "x", "backplane_down")
+
+
+async def envelope_texts(connection: ClientConnection, count: int) -> str:
+    """The text of frames received until they hold ``count`` envelopes, joined."""
+    texts: list[str] = []
+    envelopes = 0
+    while envelopes < count:
+        with anyio.fail_after(10):
+            text = await connection.recv()
+        assert isinstance(text, str)
+        frame = json.loads(text)
+        envelopes += len(frame) if isinstance(frame, list) else 1
+        texts.append(text)
+    return "".join(texts)
+
+
+async def test_data_is_published_as_the_json_text_it_was_sent_as() -> None:
+    """Each item's data reaches subscribers spelled as sent (spaces, escapes, number forms, a
+    long number), next to items that are not an object or hold an integer of more digits than
+    Python's json module reads; a string reaches raw subscribers as itself."""
+    spelled = '{"b" : [1, 2.50, "caf\\u00e9"]}'
+    long = "1." + "0" * 5000
+    huge = "9" * 5000
+    body = (
+        f'[{{"topic":"a", "data": {spelled} }}, 7, {{"topic":"a","data":{long}}},'
+        f' {{"topic":"a","data":[{huge}]}}, {{"topic":"r","data":"caf\\u00e9"}}]'
+    )
+    async with (
+        running_server() as live,
+        client(live.ws_url()) as ws,
+        client(live.ws_url("/ws/r")) as raw,
+    ):
+        await subscribe(ws, "a")
+        answer = await post(live, body)
+        received = await envelope_texts(ws, 2)
+        with anyio.fail_after(10):
+            text = await raw.recv()
+    assert positions(answer) == [(0, "a", 1), (2, "a", 2), (4, "r", 1)]
+    assert errors(answer) == [(1, None, "invalid_item"), (3, None, "invalid_json")]
+    assert "4300 digits" in answer.json()["results"][3]["detail"]
+    assert '{"topic":"a","seq":1,"data":' + spelled + "}" in received
+    assert '{"topic":"a","seq":2,"data":' + long + "}" in received
+    assert text == "café"
+
+
+async def test_data_that_is_not_json_refuses_the_array_or_its_line() -> None:
+    """NaN, infinities and data nested too deeply refuse a JSON array whole (400
+    ``invalid_batch``) and, in JSON lines, their line alone (``invalid_json``); data nested
+    less deeply is published as sent."""
+    deep = "[" * 5000 + "]" * 5000
+    nested = "[" * 500 + "]" * 500
+    lines = "\n".join(
+        [
+            '{"topic":"a","data":NaN}',
+            '{"topic":"a","data":-Infinity}',
+            f'{{"topic":"a","data":{deep}}}',
+            f'{{"topic":"a","data":{nested}}}',
+            '{"topic":"a","data":"caf\xe9"}',
+        ]
+    )
+    async with running_server() as live, client(live.ws_url()) as ws:
+        await subscribe(ws, "a")
+        nan = await post(live, '[{"topic":"a","data":1},{"topic":"a","data":NaN}]')
+        infinity = await post(live, '[{"topic":"a","data":Infinity}]')
+        too_deep = await post(live, f'[{{"topic":"a","data":{deep}}}]')
+        not_utf8 = await post(live, b'[{"topic":"a","data":"caf\xe9"}]')
+        per_line = await post(live, lines.encode("latin-1"))
+        received = await envelope_texts(ws, 1)
+    for refused, reason in [
+        (nan, "NaN is not valid JSON"),
+        (infinity, "Infinity is not valid JSON"),
+        (too_deep, "nested too deeply"),
+        (not_utf8, "can't decode byte 0xe9"),
+    ]:
+        assert (refused.status_code, refused.json()["error"]) == (400, "invalid_batch")
+        assert reason in refused.json()["detail"]
+    assert positions(per_line) == [(3, "a", 1)]
+    assert errors(per_line) == [(n, None, "invalid_json") for n in (0, 1, 2, 4)]
+    assert received == '{"topic":"a","seq":1,"data":' + nested + "}"
