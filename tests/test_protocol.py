@@ -315,6 +315,20 @@ def test_from_data_of_other_values_is_compact_json(data: Any, text: str) -> None
     assert payload == Payload(raw=text, json=text)
 
 
+@pytest.mark.parametrize(
+    ("text", "raw"),
+    [
+        ('"caf\\u00e9"', "caf\u00e9"),
+        ('{"b" : [1, 2.50]}', '{"b" : [1, 2.50]}'),
+        ("1e3", "1e3"),
+    ],
+)
+def test_from_json_keeps_the_text_as_spelled(text: str, raw: str) -> None:
+    """JSON text reaches mux subscribers as spelled; a string reaches raw subscribers as
+    itself, other values as their text."""
+    assert Payload.from_json(text) == Payload(raw=raw, json=text)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_from_data_rejects_non_json_floats(value: float) -> None:
     """Payload.from_data refuses NaN and infinities, which are not JSON."""
