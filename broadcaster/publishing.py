@@ -315,7 +315,7 @@ def _batch_items(body: bytes, max_message_bytes: int) -> list[_Item | ProtocolEr
     sent = (
         _read_array(text)
         if text.startswith(b"[")
-        else [_read_line(line) for line in text.splitlines() if line.strip()]
+        else [_read_item(line) for line in text.splitlines() if line.strip()]
     )
     if not sent:
         raise Refused(400, "invalid_batch", "the batch has no items")
@@ -329,21 +329,19 @@ def _batch_items(body: bytes, max_message_bytes: int) -> list[_Item | ProtocolEr
 
 def _read_array(text: bytes) -> Sequence[_SentItem | ProtocolError]:
     """Read a JSON array of items in one pass. When some item is not an object, each item is
-    read alone; when msgspec cannot read the array (a string in it is not valid Unicode, or
-    it is not JSON), the json module reads it, so that only the items at fault are refused.
+    read alone; when msgspec cannot read the array (a ``\\u`` escape of half a surrogate
+    pair, or it is not JSON), the json module reads it, so that only the items at fault are
+    refused.
 
     Raises:
         Refused: 400 ``invalid_batch``: the body is not a JSON array.
     """
     try:
-        # msgspec does not check that raw data is UTF-8.
-        if not text.isascii():
-            text.decode()
         try:
             return _ITEMS.decode(text)
         except msgspec.ValidationError:
             return [_read_item(raw) for raw in _RAWS.decode(text)]
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+    except (msgspec.DecodeError, RecursionError):
         pass
     try:
         values: list[Any] = parse_json(text)
@@ -362,18 +360,8 @@ def _reread(value: Any) -> _SentItem | ProtocolError:
     return _read_item(text)
 
 
-def _read_line(line: bytes) -> _SentItem | ProtocolError:
-    """Read one item from a line of JSON lines."""
-    if not line.isascii():
-        try:
-            line.decode()
-        except UnicodeDecodeError as error:
-            return ProtocolError("invalid_json", str(error))
-    return _read_item(line)
-
-
 def _read_item(text: bytes | msgspec.Raw) -> _SentItem | ProtocolError:
-    """Read one item from its JSON text, known to be UTF-8."""
+    """Read one item from its JSON text."""
     try:
         return _ITEM.decode(text)
     except msgspec.ValidationError:
@@ -406,7 +394,11 @@ def _item(item: _SentItem, max_message_bytes: int, checked: set[str]) -> _Item |
     if len(item.data) > max_message_bytes:
         detail = f"the data is larger than {max_message_bytes} bytes"
         return ProtocolError("message_too_big", detail)
-    text = str(item.data, "utf-8")
+    try:
+        # msgspec checks the strings it reads, but not that raw data is UTF-8.
+        text = str(item.data, "utf-8")
+    except UnicodeDecodeError as error:
+        return ProtocolError("invalid_json", str(error))
     if len(text) > LONGEST_UNCHECKED:
         try:
             parse_json(text)

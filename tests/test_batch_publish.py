@@ -300,8 +300,9 @@ async def test_data_is_published_as_the_json_text_it_was_sent_as() -> None:
 
 async def test_data_that_is_not_json_refuses_the_array_or_its_line() -> None:
     """NaN, infinities and data nested too deeply refuse a JSON array whole (400
-    ``invalid_batch``) and, in JSON lines, their line alone (``invalid_json``); data nested
-    less deeply is published as sent."""
+    ``invalid_batch``) and, in JSON lines, their line alone (``invalid_json``); data that is
+    not UTF-8 refuses its item alone in either; data nested less deeply is published as
+    sent."""
     deep = "[" * 5000 + "]" * 5000
     nested = "[" * 500 + "]" * 500
     lines = "\n".join(
@@ -318,17 +319,19 @@ async def test_data_that_is_not_json_refuses_the_array_or_its_line() -> None:
         nan = await post(live, '[{"topic":"a","data":1},{"topic":"a","data":NaN}]')
         infinity = await post(live, '[{"topic":"a","data":Infinity}]')
         too_deep = await post(live, f'[{{"topic":"a","data":{deep}}}]')
-        not_utf8 = await post(live, b'[{"topic":"a","data":"caf\xe9"}]')
+        not_utf8 = await post(live, b'[{"topic":"b","data":1},{"topic":"b","data":"caf\xe9"}]')
         per_line = await post(live, lines.encode("latin-1"))
         received = await envelope_texts(ws, 1)
     for refused, reason in [
         (nan, "NaN is not valid JSON"),
         (infinity, "Infinity is not valid JSON"),
         (too_deep, "nested too deeply"),
-        (not_utf8, "can't decode byte 0xe9"),
     ]:
         assert (refused.status_code, refused.json()["error"]) == (400, "invalid_batch")
         assert reason in refused.json()["detail"]
+    assert positions(not_utf8) == [(0, "b", 1)]
+    assert errors(not_utf8) == [(1, None, "invalid_json")]
+    assert "can't decode byte 0xe9" in not_utf8.json()["results"][1]["detail"]
     assert positions(per_line) == [(3, "a", 1)]
     assert errors(per_line) == [(n, None, "invalid_json") for n in (0, 1, 2, 4)]
     assert received == '{"topic":"a","seq":1,"data":' + nested + "}"
