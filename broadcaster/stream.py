@@ -307,7 +307,10 @@ class History:
     def _trim(self, stream: Stream) -> None:
         entries = stream.entries
         while entries and (len(entries) > self.size or stream.bytes > self.max_bytes):
-            self._drop(stream, entries.popleft())
+            freed = entries.popleft().size
+            stream.bytes -= freed
+            self._bytes -= freed
+            self._messages -= 1
 
     def _evict(self, keep: str) -> None:
         # The stream being written is evicted last: forgetting it would forget the position
@@ -325,17 +328,15 @@ class History:
 
     def _forget(self, name: str, stream: Stream) -> None:
         """Drop the stream's entries; forget it altogether unless it has subscribers."""
-        while stream.entries:
-            self._drop(stream, stream.entries.popleft())
+        # stream.bytes is what its entries take.
+        self._bytes -= stream.bytes
+        self._messages -= len(stream.entries)
+        stream.bytes = 0
+        stream.entries.clear()
         if self._order.pop(name, None) is not None:
             self._bytes -= STREAM_OVERHEAD
         if not stream.pinned:
             del self._streams[name]
-
-    def _drop(self, stream: Stream, entry: Entry) -> None:
-        stream.bytes -= entry.size
-        self._bytes -= entry.size
-        self._messages -= 1
 
 
 def _latest(stream: Stream, count: int) -> list[Entry]:
