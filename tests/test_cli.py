@@ -13,6 +13,7 @@ import anyio
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from broadcaster.server import GC_YOUNG_THRESHOLD
 from tests.support import client, serving, subscribe
 
 SERVE = [sys.executable, "-m", "broadcaster", "serve"]
@@ -140,6 +141,7 @@ def test_the_startup_line_shows_the_settings_applied_with_secrets_masked() -> No
             process.stderr.close()
     first = json.loads(line)
     assert first["event"] == "server_starting"
+    assert first["gc_threshold"][0] >= GC_YOUNG_THRESHOLD
     assert first["settings"]["queue_max_messages"] == 7
     assert first["settings"]["overflow"] == "drop_oldest"
     assert first["settings"]["publish_tokens"] == ["**********"]
