@@ -203,13 +203,14 @@ class HTTPPublish:
         # Each entry: (item, topic, the error that refused it; None for a message published).
         places: list[tuple[int, str | None, ProtocolError | None]] = []
         messages: list[tuple[str, Payload]] = []
+        everything = allowed.everything
         for index, item in enumerate(items):
             if isinstance(item, ProtocolError):
                 places.append((index, None, item))
                 continue
             topics, payload = item
             for topic in topics:
-                if allowed.matches(topic):
+                if everything or allowed.matches(topic):
                     messages.append((topic, payload))
                     places.append((index, topic, None))
                 else:
@@ -228,14 +229,13 @@ class HTTPPublish:
                 if isinstance(outcome, PendingReceipt):
                     outcome = await _numbered(outcome)
                 if isinstance(outcome, tuple):
-                    epoch, seq, subscribers = outcome
-                    text = epochs.get(epoch)
+                    text = epochs.get(outcome[0])
                     if text is None:
-                        text = epochs[epoch] = json.dumps(epoch)
+                        text = epochs[outcome[0]] = json.dumps(outcome[0])
                     # Topics match TOPIC_PATTERN, so they need no JSON escaping.
                     results.append(
                         f'{{"item":{index},"topic":"{name}","epoch":{text},'
-                        f'"seq":{seq},"subscribers":{subscribers}}}'
+                        f'"seq":{outcome[1]},"subscribers":{outcome[2]}}}'
                     )
                     continue
                 refusal = (
