@@ -185,14 +185,14 @@ class HTTPPublish:
                 return Response(status_code=refused.status)
             self._count_refusal(refused, peer)
             return _detail(refused.status, refused.error, refused.detail, refused.headers)
-        answer = f'{{"published":{len(results) - failed},"failed":{failed},"results":['
-        return Response(answer + ",".join(results) + "]}", media_type=JSON)
+        answer = _Answer(len(results) - failed, failed, results)
+        return Response(_ENCODER.encode(answer), media_type=JSON)
 
     async def _publish_items(
         self, items: list[_Item | ProtocolError], allowed: TopicPatterns, peer: str | None
-    ) -> tuple[list[str], int]:
-        """Publish every valid item to each of its topics; return the results in order, as
-        JSON objects, and how many of them are refusals.
+    ) -> tuple[list[_Published | _Unpublished], int]:
+        """Publish every valid item to each of its topics; return the results in order, and
+        how many of them are refusals.
 
         The allowed messages go to the hub together (:meth:`Hub.publish_batch`), so that it
         fans them out in a few commands rather than one per message.
@@ -219,24 +219,16 @@ class HTTPPublish:
             outcomes = iter(await self._hub.publish_batch(messages, Source.HTTP))
         except HubStopped:
             raise Refused(503, "hub_stopped", "the hub is not running", RETRY) from None
-        results: list[str] = []
+        results: list[_Published | _Unpublished] = []
         failed = 0
-        # Epochs are few: each is encoded once per batch.
-        epochs: dict[str, str] = {}
         for index, name, refusal in places:
             if refusal is None:
                 outcome = next(outcomes)
                 if isinstance(outcome, PendingReceipt):
                     outcome = await _numbered(outcome)
                 if isinstance(outcome, tuple):
-                    text = epochs.get(outcome[0])
-                    if text is None:
-                        text = epochs[outcome[0]] = json.dumps(outcome[0])
-                    # Topics match TOPIC_PATTERN, so they need no JSON escaping.
-                    results.append(
-                        f'{{"item":{index},"topic":"{name}","epoch":{text},'
-                        f'"seq":{outcome[1]},"subscribers":{outcome[2]}}}'
-                    )
+                    assert name is not None  # a message published has its topic
+                    results.append(_Published(index, name, *outcome))
                     continue
                 refusal = (
                     ProtocolError("hub_stopped", "the hub stopped")
@@ -249,11 +241,10 @@ class HTTPPublish:
 
     def _refusal(
         self, index: int, topic: str | None, refusal: ProtocolError, peer: str | None
-    ) -> str:
+    ) -> _Unpublished:
         """Count a refused message and return its result."""
         self._count_refusal(Refused(400, refusal.error, refusal.detail), peer)
-        fields = {"error": refusal.error, "detail": refusal.detail, "item": index, "topic": topic}
-        return json.dumps(fields, separators=(",", ":"))
+        return _Unpublished(refusal.error, refusal.detail, index, topic)
 
     async def _read_body(
         self, headers: dict[bytes, bytes], receive: Receive, limit: int, too_large: Refused
@@ -291,7 +282,36 @@ class _SentItem(msgspec.Struct):
     data: msgspec.Raw = msgspec.Raw()
 
 
+class _Published(msgspec.Struct, gc=False):
+    """A batch's result for a message published: its item, topic and receipt."""
+
+    item: int
+    topic: str
+    epoch: str
+    seq: int
+    subscribers: int
+
+
+class _Unpublished(msgspec.Struct, gc=False):
+    """A batch's result for a message refused: why, and its item and topic (``None`` when the
+    item was refused as a whole)."""
+
+    error: str
+    detail: str
+    item: int
+    topic: str | None
+
+
+class _Answer(msgspec.Struct, gc=False):
+    """The answer to a batch."""
+
+    published: int
+    failed: int
+    results: list[_Published | _Unpublished]
+
+
 # Made once, like protocol's JSON decoder.
+_ENCODER = msgspec.json.Encoder()
 _ITEMS = msgspec.json.Decoder(list[_SentItem])
 _ITEM = msgspec.json.Decoder(_SentItem)
 _RAWS = msgspec.json.Decoder(list[msgspec.Raw])
