@@ -6,11 +6,13 @@ router, and the FastAPI routes (which keep the endpoints in the OpenAPI schema, 
 apps that mount the router themselves) call the same methods. Nothing is logged on success.
 
 A batch (``POST /publish``) is a JSON array or JSON lines of items ``{"topic", "data"}`` or
-``{"topics": [...], "data"}`` (a broadcast: the data is encoded once for all its topics).
+``{"topics": [...], "data"}`` (a broadcast: the data is read once for all its topics).
 The request as a whole is refused for its credential (401, 403), its size or message count
 (413), its client's rate (429) or a stopped hub (503). Past that, items are independent: a
 bad item, or a topic the token may not publish to, gets an error in its place among the
-results, and every other item is still published, in order.
+results, and every other item is still published, in order. Items are read with msgspec,
+each one's data kept as the JSON text it was sent as: checked, never parsed into values nor
+encoded again.
 """
 
 from __future__ import annotations
@@ -269,7 +271,7 @@ class HTTPPublish:
                 return bytes(body)
 
 
-# A valid batch item: its topics and its payload, encoded once for all of them.
+# A valid batch item: its topics and its payload, made once for all of them.
 _Item = tuple[tuple[str, ...], Payload]
 
 
