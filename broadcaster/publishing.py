@@ -22,6 +22,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import msgspec
 from starlette.responses import Response
 
@@ -92,6 +93,10 @@ class HTTPPublish:
             413, "body_too_large", f"the body is larger than {settings.max_batch_bytes} bytes"
         )
         self._max_batch_bytes = settings.max_batch_bytes
+        # One batch at a time is read into items and published: the hub fans them out one
+        # after the other anyway, and the items of one batch, not of every batch received,
+        # are in memory at once.
+        self._one_batch = anyio.Lock()
 
     async def respond(self, topic: str, scope: Scope, receive: Receive) -> Response:
         """Publish the request's body to ``topic`` and return the response that answers it:
@@ -169,19 +174,20 @@ class HTTPPublish:
             body = await self._read_body(
                 headers, receive, self._max_batch_bytes, self._batch_too_large
             )
-            items = _batch_items(body, self._max_body)
-            count = sum(len(item[0]) if isinstance(item, tuple) else 1 for item in items)
-            if count > self._max_batch_messages:
-                raise Refused(
-                    413,
-                    "too_many_messages",
-                    f"the batch has {count} messages; at most {self._max_batch_messages}",
-                )
-            if not self._batch_rate.allow(client[0] if client else "", time.monotonic(), count):
-                raise Refused(
-                    429, "rate_limited", "too many batched messages; retry shortly", RETRY
-                )
-            results, failed = await self._publish_items(items, allowed, peer)
+            async with self._one_batch:
+                items = _batch_items(body, self._max_body)
+                count = sum(len(item[0]) if isinstance(item, tuple) else 1 for item in items)
+                if count > self._max_batch_messages:
+                    raise Refused(
+                        413,
+                        "too_many_messages",
+                        f"the batch has {count} messages; at most {self._max_batch_messages}",
+                    )
+                if not self._batch_rate.allow(client[0] if client else "", time.monotonic(), count):
+                    raise Refused(
+                        429, "rate_limited", "too many batched messages; retry shortly", RETRY
+                    )
+                results, failed = await self._publish_items(items, allowed, peer)
         except Refused as refused:
             if refused is CLIENT_GONE and scope.get("extensions", {}).get(SERVER_REFUSAL):
                 return Response(status_code=refused.status)

@@ -4,7 +4,7 @@ of the request as a whole and of one item."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import httpx
@@ -13,8 +13,9 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from broadcaster.app import Broadcaster
-from broadcaster.auth import CHALLENGE
+from broadcaster.auth import CHALLENGE, Authenticator
 from broadcaster.hub import BURST
+from broadcaster.publishing import HTTPPublish
 from broadcaster.settings import Settings
 from tests.brokers import running_broker
 from tests.support import (
@@ -32,8 +33,14 @@ from tests.support import (
 from tests.test_backplane import bridge, node_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from starlette.responses import Response
     from websockets.asyncio.client import ClientConnection
 
+    from broadcaster.hub import Hub
+    from broadcaster.mailbox import BatchResult, Source
+    from broadcaster.protocol import Payload
     from tests.support import LiveServer
 
 
@@ -335,3 +342,50 @@ async def test_data_that_is_not_json_refuses_the_array_or_its_line() -> None:
     assert positions(per_line) == [(3, "a", 1)]
     assert errors(per_line) == [(n, None, "invalid_json") for n in (0, 1, 2, 4)]
     assert received == '{"topic":"a","seq":1,"data":' + nested + "}"
+
+
+class HeldHub:
+    """A stand-in for the hub that holds every batch until ``release`` is set, and records for
+    each batch it is given how many requests had been answered by then."""
+
+    def __init__(self, answers: dict[str, Response]) -> None:
+        self.answered_before: list[int] = []
+        self.release = anyio.Event()
+        self._answers = answers
+
+    async def publish_batch(
+        self, messages: Sequence[tuple[str, Payload]], source: Source
+    ) -> list[BatchResult | None]:
+        self.answered_before.append(len(self._answers))
+        await self.release.wait()
+        return [("e", seq, 0) for seq in range(1, len(messages) + 1)]
+
+
+async def test_batches_are_read_and_published_one_at_a_time() -> None:
+    """A batch that arrives while another is being published waits for its answer before it
+    is read into items, so that one batch's items are in memory at a time, not every
+    batch's."""
+    answers: dict[str, Response] = {}
+    hub = HeldHub(answers)
+    config = settings()
+    publishing = HTTPPublish(cast("Hub", hub), Authenticator(config), config, lambda *_: None)
+    scope = {"type": "http", "method": "POST", "headers": [], "client": ("127.0.0.1", 1)}
+    received: set[str] = set()
+
+    async def publish(topic: str) -> None:
+        async def receive() -> dict[str, object]:
+            received.add(topic)
+            body = json.dumps([{"topic": topic, "data": 1}]).encode()
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        answers[topic] = await publishing.respond_batch(scope, receive)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(publish, "a")
+        await wait_until(lambda: len(hub.answered_before) == 1)
+        tasks.start_soon(publish, "b")
+        # Once its body is read, b runs on to the hub with no checkpoint, or waits for a.
+        await wait_until(lambda: "b" in received)
+        hub.release.set()
+    assert hub.answered_before == [0, 1]
+    assert [answers[topic].status_code for topic in "ab"] == [200, 200]
