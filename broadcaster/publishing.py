@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
     from broadcaster.auth import Authenticator, TopicPatterns
     from broadcaster.hub import Hub
+    from broadcaster.mailbox import BatchResult
     from broadcaster.settings import Settings
 
 JSON = "application/json"
@@ -93,9 +94,9 @@ class HTTPPublish:
             413, "body_too_large", f"the body is larger than {settings.max_batch_bytes} bytes"
         )
         self._max_batch_bytes = settings.max_batch_bytes
-        # One batch at a time is read into items and published: the hub fans them out one
-        # after the other anyway, and the items of one batch, not of every batch received,
-        # are in memory at once.
+        # One batch at a time is read into items and handed to the hub: the hub fans them out
+        # one after the other anyway, and the items of one batch, not of every batch
+        # received, are in memory at once. Waiting for the broker's numbers comes after.
         self._one_batch = anyio.Lock()
 
     async def respond(self, topic: str, scope: Scope, receive: Receive) -> Response:
@@ -175,19 +176,8 @@ class HTTPPublish:
                 headers, receive, self._max_batch_bytes, self._batch_too_large
             )
             async with self._one_batch:
-                items = _batch_items(body, self._max_body)
-                count = sum(len(item[0]) if isinstance(item, tuple) else 1 for item in items)
-                if count > self._max_batch_messages:
-                    raise Refused(
-                        413,
-                        "too_many_messages",
-                        f"the batch has {count} messages; at most {self._max_batch_messages}",
-                    )
-                if not self._batch_rate.allow(client[0] if client else "", time.monotonic(), count):
-                    raise Refused(
-                        429, "rate_limited", "too many batched messages; retry shortly", RETRY
-                    )
-                results, failed = await self._publish_items(items, allowed, peer)
+                places, outcomes = await self._take(body, allowed, client[0] if client else "")
+            results, failed = await self._results(places, outcomes, peer)
         except Refused as refused:
             if refused is CLIENT_GONE and scope.get("extensions", {}).get(SERVER_REFUSAL):
                 return Response(status_code=refused.status)
@@ -196,20 +186,31 @@ class HTTPPublish:
         answer = _Answer(len(results) - failed, failed, results)
         return Response(_ENCODER.encode(answer), media_type=JSON)
 
-    async def _publish_items(
-        self, items: list[_Item | ProtocolError], allowed: TopicPatterns, peer: str | None
-    ) -> tuple[list[_Published | _Unpublished], int]:
-        """Publish every valid item to each of its topics; return the results in order, and
-        how many of them are refusals.
+    async def _take(
+        self, body: bytes, allowed: TopicPatterns, address: str
+    ) -> tuple[list[_Place], list[BatchResult | None]]:
+        """Read a batch, check its message count and its client's rate, and hand every valid
+        item, for each of its topics, to the hub; return each message's place among the results
+        and what became of those the hub took, in order.
 
         The allowed messages go to the hub together (:meth:`Hub.publish_batch`), so that it
         fans them out in a few commands rather than one per message.
 
         Raises:
-            Refused: 503 when the hub is not running, before anything is published.
+            Refused: 413 too many messages, 429 over the rate, or 503 when the hub is not
+                running; nothing is published then.
         """
-        # Each entry: (item, topic, the error that refused it; None for a message published).
-        places: list[tuple[int, str | None, ProtocolError | None]] = []
+        items = _batch_items(body, self._max_body)
+        count = sum(len(item[0]) if isinstance(item, tuple) else 1 for item in items)
+        if count > self._max_batch_messages:
+            raise Refused(
+                413,
+                "too_many_messages",
+                f"the batch has {count} messages; at most {self._max_batch_messages}",
+            )
+        if not self._batch_rate.allow(address, time.monotonic(), count):
+            raise Refused(429, "rate_limited", "too many batched messages; retry shortly", RETRY)
+        places: list[_Place] = []
         messages: list[tuple[str, Payload]] = []
         everything = allowed.everything
         for index, item in enumerate(items):
@@ -224,14 +225,21 @@ class HTTPPublish:
                 else:
                     places.append((index, topic, FORBIDDEN))
         try:
-            outcomes = iter(await self._hub.publish_batch(messages, Source.HTTP))
+            return places, await self._hub.publish_batch(messages, Source.HTTP)
         except HubStopped:
             raise Refused(503, "hub_stopped", "the hub is not running", RETRY) from None
+
+    async def _results(
+        self, places: list[_Place], outcomes: list[BatchResult | None], peer: str | None
+    ) -> tuple[list[_Published | _Unpublished], int]:
+        """Return the results in order, once the broker has numbered the messages it numbers
+        (with history shared through it), and how many of them are refusals."""
+        taken = iter(outcomes)
         results: list[_Published | _Unpublished] = []
         failed = 0
         for index, name, refusal in places:
             if refusal is None:
-                outcome = next(outcomes)
+                outcome = next(taken)
                 if isinstance(outcome, PendingReceipt):
                     outcome = await _numbered(outcome)
                 if isinstance(outcome, tuple):
@@ -279,6 +287,9 @@ class HTTPPublish:
 
 # A valid batch item: its topics and its payload, made once for all of them.
 _Item = tuple[tuple[str, ...], Payload]
+# A message's place among a batch's results: its item, its topic (None for an item refused as
+# a whole), and the error that refused it (None for a message handed to the hub).
+_Place = tuple[int, str | None, ProtocolError | None]
 
 
 class _SentItem(msgspec.Struct):

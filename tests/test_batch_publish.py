@@ -362,9 +362,8 @@ class HeldHub:
 
 
 async def test_batches_are_read_and_published_one_at_a_time() -> None:
-    """A batch that arrives while another is being published waits for its answer before it
-    is read into items, so that one batch's items are in memory at a time, not every
-    batch's."""
+    """A batch that arrives while another is being handed to the hub waits for it before it is
+    read into items, so that one batch's items are in memory at a time, not every batch's."""
     answers: dict[str, Response] = {}
     hub = HeldHub(answers)
     config = settings()
