@@ -45,6 +45,11 @@ PUBLISH_TOKEN = "publish-token-0123456789"
 JWT_SECRET = "jwt-secret-" + "0123456789" * 6
 
 
+def json_settings(**overrides: Any) -> Settings:
+    """Default settings with JSON logs, and ``overrides``."""
+    return Settings.model_validate({"log_format": "json", **overrides})
+
+
 def token(
     *,
     subscribe: object = None,

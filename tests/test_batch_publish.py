@@ -16,12 +16,12 @@ from broadcaster.app import Broadcaster
 from broadcaster.auth import CHALLENGE, Authenticator
 from broadcaster.hub import BURST
 from broadcaster.publishing import HTTPPublish
-from broadcaster.settings import Settings
 from tests.brokers import running_broker
 from tests.support import (
     JWT_SECRET,
     PUBLISH_TOKEN,
     client,
+    json_settings,
     receive_envelopes,
     receive_json,
     running_server,
@@ -42,11 +42,6 @@ if TYPE_CHECKING:
     from broadcaster.mailbox import BatchResult, Source
     from broadcaster.protocol import Payload
     from tests.support import LiveServer
-
-
-def settings(**overrides: object) -> Settings:
-    """Settings with JSON logs and ``overrides``."""
-    return Settings.model_validate({"log_format": "json", **overrides})
 
 
 async def post(live: LiveServer, body: object, **headers: str) -> httpx.Response:
@@ -130,7 +125,7 @@ async def test_bad_items_are_refused_one_by_one_and_the_rest_goes_out() -> None:
         {"topic": "ok", "data": 1},
     ]
     # A lone surrogate cannot be published: json.dumps escapes it, the server refuses it.
-    async with running_server(settings(max_message_bytes=1024)) as live:
+    async with running_server(json_settings(max_message_bytes=1024)) as live:
         answer = await post(live, batch)
         samples = await scrape(live)
     assert answer.status_code == 200
@@ -155,7 +150,7 @@ async def test_topics_the_token_may_not_publish_to_are_refused_alone() -> None:
     within a broadcast too."""
     granted = {"authorization": f"Bearer {token(publish=['news.*'])}"}
     batch = [{"topics": ["news.eu", "sport", "news.us"], "data": 1}, {"topic": "sport", "data": 2}]
-    async with running_server(settings(jwt_secret=JWT_SECRET)) as live:
+    async with running_server(json_settings(jwt_secret=JWT_SECRET)) as live:
         answer = await post(live, batch, **granted)
     assert answer.status_code == 200
     assert positions(answer) == [(0, "news.eu", 1), (0, "news.us", 1)]
@@ -165,7 +160,7 @@ async def test_topics_the_token_may_not_publish_to_are_refused_alone() -> None:
 async def test_requests_are_refused_whole_for_their_credential_size_count_and_rate() -> None:
     """401 without a token, 403 with a bad one, 400 for a body that is not a batch, 413 for
     too many bytes or messages, 429 past the rate; nothing of them is published."""
-    limits = settings(
+    limits = json_settings(
         publish_tokens=PUBLISH_TOKEN,
         max_batch_bytes=4096,
         max_batch_messages=10,
@@ -199,7 +194,7 @@ async def test_requests_are_refused_whole_for_their_credential_size_count_and_ra
 
 async def test_a_batch_when_the_hub_is_not_running_is_a_503() -> None:
     """Without a running hub a batch is refused whole with 503 and Retry-After."""
-    live = Broadcaster(settings())
+    live = Broadcaster(json_settings())
     scope = {"type": "http", "method": "POST", "headers": [], "client": ("127.0.0.1", 1)}
 
     async def receive() -> dict[str, object]:
@@ -214,14 +209,14 @@ async def test_a_batch_larger_than_the_mailbox_waits_for_room() -> None:
     """A batch of more hub commands (one per BURST messages) than the hub's mailbox holds is
     published whole, in order."""
     count = 4 * BURST + 1
-    async with running_server(settings(hub_mailbox_size=2)) as live:
+    async with running_server(json_settings(hub_mailbox_size=2)) as live:
         answer = await post(live, [{"topic": "t", "data": n} for n in range(count)])
     assert [seq for _, _, seq in positions(answer)] == list(range(1, count + 1))
 
 
 async def test_the_batch_route_is_documented_and_served_where_the_router_is_mounted() -> None:
     """An app that mounts the router serves batches too, and the schema describes the route."""
-    live = Broadcaster(settings())
+    live = Broadcaster(json_settings())
     app = FastAPI()
     app.include_router(live.router, prefix="/live")
     transport = httpx.ASGITransport(app=app)
@@ -238,7 +233,7 @@ async def test_the_batch_route_is_documented_and_served_where_the_router_is_moun
 def test_a_full_batch_must_fit_the_rate() -> None:
     """A batch size the rate limit could never admit is refused at start, naming both."""
     with pytest.raises(ValidationError, match="MAX_BATCH_MESSAGES_PER_SECOND"):
-        settings(max_batch_messages=100, max_batch_messages_per_second=10)
+        json_settings(max_batch_messages=100, max_batch_messages_per_second=10)
 
 
 async def test_with_history_on_redis_a_batch_is_numbered_by_redis_or_refused_per_item() -> None:
@@ -366,7 +361,7 @@ async def test_batches_are_read_and_published_one_at_a_time() -> None:
     read into items, so that one batch's items are in memory at a time, not every batch's."""
     answers: dict[str, Response] = {}
     hub = HeldHub(answers)
-    config = settings()
+    config = json_settings()
     publishing = HTTPPublish(cast("Hub", hub), Authenticator(config), config, lambda *_: None)
     scope = {"type": "http", "method": "POST", "headers": [], "client": ("127.0.0.1", 1)}
     received: set[str] = set()

@@ -9,11 +9,11 @@ from unittest.mock import ANY
 import httpx
 import pytest
 
-from broadcaster.settings import Settings
 from tests.support import (
     JWT_SECRET,
     client,
     handshake_refusal,
+    json_settings,
     receive_envelopes,
     receive_json,
     running_server,
@@ -23,11 +23,6 @@ from tests.support import (
 
 if TYPE_CHECKING:
     from tests.support import LiveServer
-
-
-def settings(**options: Any) -> Settings:
-    """Default settings with JSON logs, and these options."""
-    return Settings(log_format="json", **options)
 
 
 async def publish(live: LiveServer, topic: str, count: int, first: int = 0) -> dict[str, Any]:
@@ -49,7 +44,7 @@ async def history(live: LiveServer, path: str, **headers: str) -> httpx.Response
 
 async def test_publish_receipts_carry_the_position_even_without_subscribers() -> None:
     """POST /publish answers the topic's epoch and seq, which rises with every publish."""
-    async with running_server(settings()) as live:
+    async with running_server(json_settings()) as live:
         first = await publish(live, "t", 1)
         second = await publish(live, "t", 1)
     assert first == {"topic": "t", "epoch": ANY, "seq": 1, "subscribers": 0}
@@ -58,7 +53,7 @@ async def test_publish_receipts_carry_the_position_even_without_subscribers() ->
 
 async def test_a_reconnecting_client_resumes_with_since() -> None:
     """A client that reconnects with since gets recovered: true and exactly what it missed."""
-    async with running_server(settings()) as live:
+    async with running_server(json_settings()) as live:
         async with client(live.ws_url()) as first:
             await first.send('{"op":"subscribe","topic":"t"}')
             ack = await receive_json(first)
@@ -89,9 +84,9 @@ async def test_a_reconnecting_client_resumes_with_since() -> None:
 
 async def test_a_restarted_server_answers_recovered_false_with_a_new_epoch() -> None:
     """History lives in memory: after a restart a resume is not recovered, under a new epoch."""
-    async with running_server(settings()) as before:
+    async with running_server(json_settings()) as before:
         receipt = await publish(before, "t", 3)
-    async with running_server(settings()) as after, client(after.ws_url()) as connection:
+    async with running_server(json_settings()) as after, client(after.ws_url()) as connection:
         since = {"epoch": receipt["epoch"], "seq": receipt["seq"]}
         await connection.send(json.dumps({"op": "subscribe", "topic": "t", "since": since}))
         ack = await receive_json(connection)
@@ -102,7 +97,7 @@ async def test_a_restarted_server_answers_recovered_false_with_a_new_epoch() -> 
 
 async def test_bad_since_and_last_get_error_frames_and_the_connection_stays() -> None:
     """Malformed since or last are answered with error frames; the connection goes on."""
-    async with running_server(settings()) as live, client(live.ws_url()) as connection:
+    async with running_server(json_settings()) as live, client(live.ws_url()) as connection:
         bad = [
             ('{"op":"subscribe","topic":"t","since":{"epoch":"e","seq":-1}}', "invalid_since"),
             ('{"op":"subscribe","topic":"t","since":"nope"}', "invalid_since"),
@@ -120,7 +115,7 @@ async def test_bad_since_and_last_get_error_frames_and_the_connection_stays() ->
 
 async def test_raw_last_replays_the_latest_frames() -> None:
     """/ws/{topic}?last=K sends the latest K messages, then live ones."""
-    async with running_server(settings()) as live:
+    async with running_server(json_settings()) as live:
         await publish(live, "t", 5)
         async with client(live.ws_url("/ws/t?last=2")) as raw:
             assert [await raw.recv() for _ in range(2)] == ["3", "4"]
@@ -131,14 +126,14 @@ async def test_raw_last_replays_the_latest_frames() -> None:
 @pytest.mark.parametrize("value", ["", "-1", "x", "1.5", "99999999999999999999"])
 async def test_raw_last_that_is_not_a_count_is_refused_with_400(value: str) -> None:
     """A bad ?last= refuses the handshake with 400 invalid_last."""
-    async with running_server(settings()) as live:
+    async with running_server(json_settings()) as live:
         status, error, _ = await handshake_refusal(live.ws_url(f"/ws/t?last={value}"))
     assert (status, error) == (400, "invalid_last")
 
 
 async def test_history_pages_messages_after_since() -> None:
     """GET /history gives the position and envelopes, after since or the latest ones."""
-    async with running_server(settings(recovery_max=3)) as live:
+    async with running_server(json_settings(recovery_max=3)) as live:
         receipt = await publish(live, "t", 5)
         epoch = receipt["epoch"]
         page = (await history(live, f"/history/t?since=1&epoch={epoch}&limit=2")).json()
@@ -174,7 +169,7 @@ async def test_history_pages_messages_after_since() -> None:
 )
 async def test_bad_history_queries_get_400(query: str, error: str) -> None:
     """Every malformed /history query is a 400 that names the error."""
-    async with running_server(settings()) as live:
+    async with running_server(json_settings()) as live:
         response = await history(live, "/history/t" + query)
     assert response.status_code == 400
     assert response.json()["detail"]["error"] == error
@@ -182,7 +177,7 @@ async def test_bad_history_queries_get_400(query: str, error: str) -> None:
 
 async def test_history_of_an_invalid_topic_is_400() -> None:
     """A topic name outside the grammar is a 400."""
-    async with running_server(settings()) as live:
+    async with running_server(json_settings()) as live:
         response = await history(live, "/history/bad%20topic")
     assert response.status_code == 400
     assert response.json()["detail"]["error"] == "invalid_topic"
@@ -190,7 +185,7 @@ async def test_history_of_an_invalid_topic_is_400() -> None:
 
 async def test_history_needs_the_grant_to_subscribe() -> None:
     """With JWTs, /history needs a token that may subscribe to the topic."""
-    async with running_server(settings(jwt_secret=JWT_SECRET)) as live:
+    async with running_server(json_settings(jwt_secret=JWT_SECRET)) as live:
         missing = await history(live, "/history/t")
         wrong = await history(
             live, "/history/t", authorization=f"Bearer {token(subscribe=['other'])}"
@@ -203,7 +198,7 @@ async def test_history_needs_the_grant_to_subscribe() -> None:
 
 async def test_history_off_keeps_positions_but_no_messages() -> None:
     """HISTORY_SIZE=0: receipts still carry positions; nothing is kept to replay."""
-    async with running_server(settings(history_size=0)) as live:
+    async with running_server(json_settings(history_size=0)) as live:
         receipt = await publish(live, "t", 3)
         body = (await history(live, f"/history/t?since=0&epoch={receipt['epoch']}")).json()
         samples = await scrape(live)
@@ -214,6 +209,6 @@ async def test_history_off_keeps_positions_but_no_messages() -> None:
 
 async def test_raw_last_is_ignored_on_the_multiplexed_endpoint() -> None:
     """?last= means nothing on /ws: subscriptions carry their own since or last."""
-    async with running_server(settings()) as live, client(live.ws_url("/ws?last=x")) as mux:
+    async with running_server(json_settings()) as live, client(live.ws_url("/ws?last=x")) as mux:
         await mux.send('{"op":"ping"}')
         assert await receive_json(mux) == {"op": "pong"}

@@ -21,7 +21,15 @@ from broadcaster.http_protocol import BODY_RATE_GRACE, HTTPProtocol
 from broadcaster.policy import PenaltyBox
 from broadcaster.server import bind, uvicorn_config
 from broadcaster.settings import Settings
-from tests.support import PUBLISH_TOKEN, client, running_server, scrape, subscribe, wait_until
+from tests.support import (
+    PUBLISH_TOKEN,
+    client,
+    json_settings,
+    running_server,
+    scrape,
+    subscribe,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from collections import Counter
@@ -102,17 +110,12 @@ async def requests_done(live: LiveServer) -> None:
     await wait_until(lambda: not live.server.server_state.tasks)
 
 
-def fast(**overrides: object) -> Settings:
-    """Settings with JSON logs and ``overrides``."""
-    return Settings.model_validate({"log_format": "json", **overrides})
-
-
 # --- the request head ---------------------------------------------------------------------
 
 
 async def test_a_head_over_the_size_limit_is_answered_431() -> None:
     """A request head over MAX_HEADER_BYTES gets 431 header_too_large and is counted."""
-    async with running_server(fast(max_header_bytes=1024)) as live:
+    async with running_server(json_settings(max_header_bytes=1024)) as live:
         big = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n"
         answer = await exchange(live.port, big)
         assert (answer.status, answer.error) == (431, "header_too_large")
@@ -127,7 +130,7 @@ async def test_a_head_over_the_size_limit_is_answered_431() -> None:
 
 async def test_a_request_with_too_many_headers_is_answered_431() -> None:
     """More than MAX_HEADERS headers get 431 too_many_headers; exactly as many are served."""
-    async with running_server(fast(max_headers=5)) as live:
+    async with running_server(json_settings(max_headers=5)) as live:
         extra = b"".join(b"X-%d: 1\r\n" % n for n in range(3))
         answer = await exchange(live.port, GET.replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n"))
         assert answer.status == 200  # Host, Connection and three more
@@ -170,7 +173,7 @@ async def stream_endlessly(live: LiveServer, start: bytes) -> tuple[Answer, int]
 async def test_a_header_streamed_forever_is_cut_off_at_the_limit() -> None:
     """A header that never ends is answered 431 while its client is still sending it."""
     start = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: "
-    async with running_server(fast(max_header_bytes=4096)) as live:
+    async with running_server(json_settings(max_header_bytes=4096)) as live:
         answer, sent = await stream_endlessly(live, start)
         assert (answer.status, answer.error) == (431, "header_too_large")
         assert sent < ENDLESS_CHUNKS
@@ -183,7 +186,7 @@ async def test_a_trailer_streamed_forever_is_cut_off() -> None:
         b"POST /publish/t HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5\r\nhello\r\n0\r\nX-Endless: "
     )
-    async with running_server(fast(max_header_bytes=4096)) as live:
+    async with running_server(json_settings(max_header_bytes=4096)) as live:
         answer, sent = await stream_endlessly(live, chunked)
         assert (answer.status, answer.error) == (431, "header_too_large")
         assert sent < ENDLESS_CHUNKS
@@ -197,14 +200,14 @@ async def test_a_body_in_many_small_chunks_is_published() -> None:
         b"POST /publish/t HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
     )
-    async with running_server(fast(max_header_bytes=1024)) as live:
+    async with running_server(json_settings(max_header_bytes=1024)) as live:
         assert (await exchange(live.port, request + body)).status == 200
         assert refused(live) == {}
 
 
 async def test_a_head_that_never_completes_is_dropped_and_counted() -> None:
     """A partial head is dropped after HANDSHAKE_TIMEOUT without an answer, and counted."""
-    async with running_server(fast(handshake_timeout=0.2)) as live:
+    async with running_server(json_settings(handshake_timeout=0.2)) as live:
         async with await anyio.connect_tcp("127.0.0.1", live.port) as stream:
             await stream.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             assert await read_all(stream) == b""
@@ -222,7 +225,7 @@ async def test_bytes_that_are_not_http_are_answered_400_and_counted() -> None:
 async def test_the_protocol_served_bare_applies_the_default_limits() -> None:
     """Served as uvicorn's ``http`` class without a gate, the protocol applies the default
     limits to each connection."""
-    settings = fast()
+    settings = json_settings()
     sock = bind(settings.model_copy(update={"port": 0}))
     config = uvicorn_config(create_app(settings), settings)
     config.http = HTTPProtocol
@@ -266,7 +269,7 @@ async def trickle(live: LiveServer, head: bytes = HEAD) -> tuple[bytes, float]:
 async def test_a_trickled_body_is_answered_408_at_its_deadline() -> None:
     """A body still arriving BODY_TIMEOUT after its head gets 408 body_timeout, and the app,
     which sees the client leave, does not count it again."""
-    async with running_server(fast(body_timeout=0.5, body_min_rate=0)) as live:
+    async with running_server(json_settings(body_timeout=0.5, body_min_rate=0)) as live:
         with capture_logs() as logs:
             wire, took = await trickle(live)
             await requests_done(live)
@@ -280,7 +283,7 @@ async def test_a_trickled_body_is_answered_408_at_its_deadline() -> None:
 
 async def test_a_body_slower_than_the_minimum_rate_is_answered_408() -> None:
     """A body averaging under BODY_MIN_RATE once its grace is over gets 408 body_too_slow."""
-    async with running_server(fast(body_timeout=60, body_min_rate=1000)) as live:
+    async with running_server(json_settings(body_timeout=60, body_min_rate=1000)) as live:
         wire, took = await trickle(live)
         answer = parse(wire)
         assert (answer.status, answer.error) == (408, "body_too_slow")
@@ -291,7 +294,7 @@ async def test_a_body_slower_than_the_minimum_rate_is_answered_408() -> None:
 async def test_a_body_left_unsent_after_the_app_answered_is_closed_uncounted() -> None:
     """A request the app refused before reading its body is closed at the body deadline,
     counted once, for the app's own refusal."""
-    settings = fast(body_timeout=0.5, publish_tokens=PUBLISH_TOKEN)
+    settings = json_settings(body_timeout=0.5, publish_tokens=PUBLISH_TOKEN)
     async with running_server(settings) as live:
         wire, took = await trickle(live, KEEP_ALIVE_HEAD)
         assert parse(wire).status == 401
@@ -325,7 +328,7 @@ async def test_publishers_that_leave_mid_body_are_counted_without_error_logs(
 
 async def test_bodies_within_the_bounds_are_published() -> None:
     """A body sent in pieces, and a pipelined second request, are served with tight bounds."""
-    settings = fast(body_timeout=5, max_header_bytes=1024, max_headers=10)
+    settings = json_settings(body_timeout=5, max_header_bytes=1024, max_headers=10)
     async with running_server(settings) as live:
         request = KEEP_ALIVE_HEAD.replace(b"100", b"10")
         async with await anyio.connect_tcp("127.0.0.1", live.port) as stream:
@@ -345,7 +348,7 @@ async def test_connections_past_the_per_address_limit_are_answered_429() -> None
     """One address past MAX_HTTP_CONNECTIONS_PER_ADDRESS gets 429 with Retry-After; another
     address, and the same one once a connection ends, are served."""
     async with (
-        running_server(fast(max_http_connections_per_address=2)) as live,
+        running_server(json_settings(max_http_connections_per_address=2)) as live,
         AsyncExitStack() as stack,
     ):
         held = [await stack.enter_async_context(await anyio.connect_tcp("127.0.0.1", live.port))]
@@ -365,7 +368,10 @@ async def test_connections_past_the_per_address_limit_are_answered_429() -> None
 
 async def test_connections_past_the_server_limit_are_answered_503() -> None:
     """Past MAX_HTTP_CONNECTIONS any address gets 503 with Retry-After, without the app."""
-    async with running_server(fast(max_http_connections=2)) as live, AsyncExitStack() as stack:
+    async with (
+        running_server(json_settings(max_http_connections=2)) as live,
+        AsyncExitStack() as stack,
+    ):
         for host in ("127.0.0.1", "127.0.0.2"):
             await stack.enter_async_context(
                 await anyio.connect_tcp("127.0.0.1", live.port, local_host=host)
@@ -380,7 +386,10 @@ async def test_connections_past_the_server_limit_are_answered_503() -> None:
 
 async def test_websockets_stop_counting_as_http_connections_once_upgraded() -> None:
     """More WebSockets than MAX_HTTP_CONNECTIONS open, and HTTP is still served beside them."""
-    async with running_server(fast(max_http_connections=2)) as live, AsyncExitStack() as stack:
+    async with (
+        running_server(json_settings(max_http_connections=2)) as live,
+        AsyncExitStack() as stack,
+    ):
         for _ in range(4):
             connection = await stack.enter_async_context(client(live.ws_url()))
             await subscribe(connection, "t")
