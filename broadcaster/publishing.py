@@ -200,20 +200,10 @@ class HTTPPublish:
             Refused: 413 too many messages, 429 over the rate, or 503 when the hub is not
                 running; nothing is published then.
         """
-        items = _batch_items(body, self._max_body)
-        count = sum(len(item[0]) if isinstance(item, tuple) else 1 for item in items)
-        if count > self._max_batch_messages:
-            raise Refused(
-                413,
-                "too_many_messages",
-                f"the batch has {count} messages; at most {self._max_batch_messages}",
-            )
-        if not self._batch_rate.allow(address, time.monotonic(), count):
-            raise Refused(429, "rate_limited", "too many batched messages; retry shortly", RETRY)
         places: list[_Place] = []
         messages: list[tuple[str, Payload]] = []
         everything = allowed.everything
-        for index, item in enumerate(items):
+        for index, item in enumerate(_batch_items(body, self._max_body)):
             if isinstance(item, ProtocolError):
                 places.append((index, None, item))
                 continue
@@ -224,6 +214,16 @@ class HTTPPublish:
                     places.append((index, topic, None))
                 else:
                     places.append((index, topic, FORBIDDEN))
+        # One place per message: each topic of an item counts, and so does an item refused.
+        count = len(places)
+        if count > self._max_batch_messages:
+            raise Refused(
+                413,
+                "too_many_messages",
+                f"the batch has {count} messages; at most {self._max_batch_messages}",
+            )
+        if not self._batch_rate.allow(address, time.monotonic(), count):
+            raise Refused(429, "rate_limited", "too many batched messages; retry shortly", RETRY)
         try:
             return places, await self._hub.publish_batch(messages, Source.HTTP)
         except HubStopped:
